@@ -1,0 +1,222 @@
+"""One typed configuration tree for the whole pipeline.
+
+Loaded from YAML, overridden with ``--set a.b=c`` and validated once at start. Sub-configs are passed
+down explicitly to the library functions; nothing reads an untyped dict with defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lora_pipeline.demo_world import DemoWorldSpec
+
+#: Sentinel for ``model.name_or_path`` / ``data.path`` / ``data.eval_path`` / ``eval.regression_*``:
+#: the embedded offline demo world (tokenizer, tiny base model and datasets built on first use).
+BUILTIN_DEMO = "builtin:demo"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(BUILTIN_DEMO, description="Local model dir, hub id, or builtin:demo.")
+    revision: str | None = Field(None, description="Hub revision (commit/tag) to pin.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code (needs a pinned revision).")
+
+    @model_validator(mode="after")
+    def _remote_code_needs_revision(self) -> ModelConfig:
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("model.trust_remote_code=true requires a pinned model.revision")
+        return self
+
+
+class DataConfig(_Strict):
+    path: str = Field(BUILTIN_DEMO, description="Training data: file, dataset dir, hub name or builtin:demo.")
+    format: Literal["messages", "alpaca", "sharegpt", "prompt_completion", "text"] = Field(
+        "messages", description="Row schema of the source; normalised to chat messages."
+    )
+    eval_path: str | None = Field(BUILTIN_DEMO, description="Held-out task rows (same format as data.path).")
+    max_length: int = Field(128, gt=8, description="Token budget per templated sample (truncation length).")
+    min_rows: int = Field(10, ge=1, description="Fewest clean rows a run may train on.")
+    max_reject_fraction: float = Field(0.2, ge=0.0, le=1.0, description="Fail if more rows are quarantined.")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+
+    @model_validator(mode="after")
+    def _non_empty_targets(self) -> LoraConfig:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module (or be 'all-linear')")
+        return self
+
+
+class QuantConfig(_Strict):
+    load_in_4bit: bool = Field(True, description="Load the frozen base in 4-bit (QLoRA).")
+    load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit instead.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Matmul dtype; auto = bf16 on capable GPUs, fp16 on older GPUs, fp32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _one_quantisation(self) -> QuantConfig:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("quant.load_in_4bit and quant.load_in_8bit cannot both be true")
+        return self
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(120, gt=0, description="Optimizer steps.")
+    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    per_device_batch_size: int = Field(16, gt=0, description="Samples per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes (accelerate).")
+    seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> TrainConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) must be smaller than train.max_steps ({self.max_steps})"
+            )
+        return self
+
+
+class EvalConfig(_Strict):
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget per prompt.")
+    max_samples: int = Field(200, gt=0, description="Held-out rows scored per suite.")
+    batch_size: int = Field(32, gt=0, description="Prompts generated together.")
+    regression_qa_path: str | None = Field(BUILTIN_DEMO, description="Q/A the base already answers.")
+    regression_text_path: str | None = Field(BUILTIN_DEMO, description="General text for perplexity.")
+
+
+class GateConfig(_Strict):
+    min_task_gain: float = Field(0.2, description="Candidate task exact match minus base, at least.")
+    max_regression: float = Field(0.1, ge=0.0, description="Largest allowed drop in regression exact match.")
+
+
+class MergeConfig(_Strict):
+    parity_tolerance: float = Field(1e-3, gt=0, description="Max |logit| difference merged vs base+adapter.")
+    parity_samples: int = Field(8, gt=0, description="Held-out prompts used for the parity check.")
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="Tracking URI; default sqlite under output_dir.")
+    experiment_name: str = Field("lora-pipeline", description="Experiment holding the pipeline runs.")
+
+
+class RegistryConfig(_Strict):
+    model_name: str = Field("lora-pipeline-demo", min_length=1, description="Registered model name.")
+
+
+class PipelineConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    merge: MergeConfig = MergeConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    registry: RegistryConfig = RegistryConfig()
+    demo: DemoWorldSpec = DemoWorldSpec()
+    output_dir: Path = Field(Path("outputs"), description="Root of all runs; made absolute at load time.")
+
+    def config_hash(self) -> str:
+        """Stable hash of every setting (part of the run key for resume and idempotent registration)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into (["a", "b"], value); the value is parsed as YAML (ints, bools, lists)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        message = err["msg"].removeprefix("Value error, ")
+        shown_input = err["type"] != "missing" and not isinstance(err["input"], dict)
+        lines.append(f"  {key}: {message}" + (f" (got {err['input']!r})" if shown_input else ""))
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load YAML (or defaults when ``path`` is None), apply ``a.b=c`` overrides and validate once.
+
+    Raises:
+        ConfigError: missing/unreadable file, bad YAML, unknown key, wrong type or contradiction; the
+            message names the offending key.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(tree, keys, value)
+    try:
+        config = PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from exc
+    # Resolved once, here, so no later step writes relative to whatever the working directory is then.
+    config.output_dir = config.output_dir.expanduser().resolve()
+    return config

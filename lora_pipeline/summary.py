@@ -1,0 +1,70 @@
+"""The run summary: each stage's status and duration plus the figures a person checks after a run."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def new_run_dir(output_dir: Path, flow_run_id: str) -> Path:
+    """A fresh directory for one pipeline run: ``<output_dir>/runs/<UTC time>-<flow run id prefix>``."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = output_dir / "runs" / f"{stamp}-{flow_run_id[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+@dataclass
+class RunSummary:
+    """Accumulates stage outcomes; ``write`` saves it as JSON (also when the run fails)."""
+
+    flow_run_id: str
+    run_dir: str
+    status: str = "running"
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time one stage and record ``completed`` or ``failed`` (with the error), re-raising failures."""
+        record: dict[str, Any] = {"name": name, "status": "running", "seconds": None}
+        self.stages.append(record)
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            record["status"] = "failed"
+            self.status = "failed"
+            self.error = f"{name}: {type(exc).__name__}: {exc}"
+            raise
+        else:
+            record["status"] = "completed"
+        finally:
+            record["seconds"] = round(time.perf_counter() - started, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "flow_run_id": self.flow_run_id,
+            "run_dir": self.run_dir,
+            "status": self.status,
+            "error": self.error,
+            "stages": self.stages,
+            **self.results,
+        }
+
+    def write(self, *paths: Path | str | None) -> None:
+        """Write the summary JSON to every given path (``None`` entries are skipped)."""
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        for path in paths:
+            if path is None:
+                continue
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)

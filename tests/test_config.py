@@ -1,0 +1,87 @@
+"""The typed config: every documented key exists, overrides parse, bad input names the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_pipeline.config import ConfigError, PipelineConfig, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+REQUIRED_KEYS = [
+    "model.name_or_path", "data.path", "data.format", "data.max_length", "lora.r", "lora.alpha",
+    "lora.dropout", "lora.target_modules", "quant.load_in_4bit", "train.max_steps",
+    "train.learning_rate", "train.num_processes", "train.seed", "eval.max_new_tokens",
+    "mlflow.tracking_uri", "registry.model_name", "output_dir",
+]
+
+
+@pytest.mark.parametrize("dotted", REQUIRED_KEYS)
+def test_required_key_exists(dotted):
+    node = PipelineConfig().model_dump()
+    for part in dotted.split("."):
+        assert part in node, f"missing config key {dotted}"
+        node = node[part]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.output_dir.is_absolute()
+
+
+def test_overrides_are_typed_yaml_values(tmp_path):
+    cfg = load_config(None, ["lora.r=8", "lora.target_modules=[q_proj, v_proj]", "quant.load_in_4bit=false",
+                             "train.learning_rate=5e-4", f"output_dir={tmp_path}"])
+    assert cfg.lora.r == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.quant.load_in_4bit is False
+    assert cfg.train.learning_rate == pytest.approx(5e-4)
+    assert cfg.output_dir == tmp_path
+
+
+def test_override_beats_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lora": {"r": 4}, "train": {"max_steps": 30, "warmup_steps": 0}}))
+    cfg = load_config(path, ["lora.r=32"])
+    assert (cfg.lora.r, cfg.train.max_steps) == (32, 30)
+
+
+def test_relative_output_dir_is_made_absolute_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["output_dir=runs"]).output_dir == tmp_path / "runs"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["lora.rank=8"], "lora.rank"),
+        (["lora.r=eight"], "lora.r"),
+        (["nonsense=1"], "nonsense"),
+        (["quant.load_in_8bit=true"], "load_in_8bit"),
+        (["train.warmup_steps=500"], "train.warmup_steps"),
+        (["lora.target_modules=[]"], "lora.target_modules"),
+        (["model.trust_remote_code=true"], "model.revision"),
+        (["data.format=csv"], "data.format"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, named):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert named in str(info.value)
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_override_is_refused():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("lora.r")
+
+
+def test_config_hash_tracks_every_setting():
+    assert load_config(None).config_hash() == load_config(None).config_hash()
+    assert load_config(None).config_hash() != load_config(None, ["train.seed=1"]).config_hash()
