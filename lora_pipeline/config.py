@@ -124,7 +124,12 @@ class GateConfig(_Strict):
 
 
 class MergeConfig(_Strict):
-    parity_tolerance: float = Field(1e-3, gt=0, description="Max |logit| difference merged vs base+adapter.")
+    parity_tolerance: float = Field(
+        1e-4, gt=0, description="Max relative logit difference, merged vs the same base with the adapter unmerged."
+    )
+    quantized_parity_tolerance: float = Field(
+        2e-2, gt=0, description="Max relative logit difference, merged vs the 4-bit base + adapter as evaluated."
+    )
     parity_samples: int = Field(8, gt=0, description="Held-out prompts used for the parity check.")
 
 

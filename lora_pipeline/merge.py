@@ -1,0 +1,139 @@
+"""Merge a LoRA adapter into a de-quantised reload of its base, and prove the merge changed nothing.
+
+Merging into 4-bit weights would round the LoRA delta away (PEFT's ``bnb.py`` warns of this), so the
+base is reloaded, de-quantised to the compute dtype, and only then merged with ``safe_merge=True``
+(which checks for NaN/inf). The merged model must reproduce base+adapter logits within a tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+from lora_pipeline.config import PipelineConfig
+from lora_pipeline.formatting import encode_generation_prompt, prompt_turns
+from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
+
+
+class MergeError(RuntimeError):
+    """The merge was refused or its result does not match the adapter it came from."""
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """Parity figures are relative: max |logit difference| / max |reference logit|."""
+
+    merged_dir: Path
+    merge_rel_diff: float  # merged vs the same de-quantised base + unmerged adapter: the merge itself
+    quantized_rel_diff: float  # merged vs the 4-bit base + adapter that was trained and evaluated
+    n_prompts: int
+    dequantized: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """True if any layer still holds bitsandbytes 4-bit or 8-bit weights."""
+    return any(type(m).__name__ in {"Linear4bit", "Linear8bitLt"} for m in model.modules())
+
+
+def merge_lora(peft_model: PeftModel) -> torch.nn.Module:
+    """``merge_and_unload(safe_merge=True)``, refusing quantised targets and checking no LoRA layer is left.
+
+    Raises:
+        MergeError: the base is still quantised, or LoRA layers survived the merge.
+    """
+    if is_quantized(peft_model.get_base_model()):
+        raise MergeError("refusing to merge into quantised weights: reload the base de-quantised first")
+    merged = peft_model.merge_and_unload(safe_merge=True)
+    if any(isinstance(m, LoraLayer) for m in merged.modules()):
+        raise MergeError("LoRA layers remain after merge_and_unload")
+    return merged
+
+
+@torch.no_grad()
+def _prompt_logits(model: Any, prompts: Sequence[list[int]]) -> torch.Tensor:
+    """Logits at every position of every prompt, concatenated (prompts differ in length)."""
+    device = next(model.parameters()).device
+    return torch.cat([model(input_ids=torch.tensor([p], device=device)).logits[0].float().cpu() for p in prompts])
+
+
+def relative_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference| (NaN/inf propagate, so they fail any tolerance)."""
+    if reference.numel() == 0:
+        return 0.0
+    return float((actual - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def _dequantized_base(cfg: PipelineConfig, device: torch.device) -> tuple[Any, bool]:
+    quantized = cfg.quant.load_in_4bit or cfg.quant.load_in_8bit
+    model = load_base_model(cfg.model, cfg.quant, device)
+    if quantized:
+        # The same quantised weights the adapter was trained against, de-quantised to the compute dtype.
+        model = model.dequantize()
+    return model, quantized
+
+
+def merge_adapter(
+    cfg: PipelineConfig,
+    adapter_dir: Path,
+    out_dir: Path,
+    sample_conversations: Sequence[dict[str, Any]],
+) -> MergeReport:
+    """Merge ``adapter_dir`` into the base and save a standalone model (safetensors) in ``out_dir``.
+
+    Two parity checks on the prompts of ``sample_conversations``: the merged model against the same
+    de-quantised base with the adapter unmerged (the merge must be exact: ``merge.parity_tolerance``),
+    and against the 4-bit base + adapter that was evaluated (``merge.quantized_parity_tolerance``;
+    bitsandbytes' 4-bit inference kernels differ from exact de-quantisation by ~0.1-0.5 %).
+
+    Raises:
+        MergeError: a parity check fails or the merge is refused; nothing is written then.
+    """
+    device = detect_device()
+    tokenizer = load_tokenizer(cfg.model, adapter_dir)
+    prompts = [encode_generation_prompt(tokenizer, prompt_turns(r["messages"])) for r in sample_conversations]
+    evaluated = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(adapter_dir))
+    evaluated_logits = _prompt_logits(evaluated.eval(), prompts)
+    del evaluated
+    base, dequantized = _dequantized_base(cfg, device)
+    unmerged = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    unmerged_logits = _prompt_logits(unmerged, prompts)
+    merged = merge_lora(unmerged)
+    merged_logits = _prompt_logits(merged.eval(), prompts)
+    report = MergeReport(
+        merged_dir=out_dir,
+        merge_rel_diff=relative_diff(merged_logits, unmerged_logits),
+        quantized_rel_diff=relative_diff(merged_logits, evaluated_logits),
+        n_prompts=len(prompts),
+        dequantized=dequantized,
+    )
+    for name, value, limit in (("merge.parity_tolerance", report.merge_rel_diff, cfg.merge.parity_tolerance),
+                               ("merge.quantized_parity_tolerance", report.quantized_rel_diff,
+                                cfg.merge.quantized_parity_tolerance)):
+        if not value <= limit:  # also catches NaN
+            raise MergeError(f"merged logits differ by {value:.3g} (relative) > {name}={limit}")
+    _save_merged(merged, tokenizer, out_dir)
+    (out_dir / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def _save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    # A quantisation config would make loaders try to re-quantise already de-quantised weights.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(out_dir))

@@ -1,0 +1,169 @@
+"""QLoRA training: a 4-bit frozen base, a PEFT LoRA adapter, TRL's SFTTrainer as the loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig as PeftLoraConfig
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from lora_pipeline.config import PipelineConfig
+from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer, select_compute_dtype
+
+logger = logging.getLogger(__name__)
+
+MetricsSink = Callable[[Mapping[str, float], int], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the adapter went and the small metric dict the flow passes on."""
+
+    adapter_dir: Path
+    metrics: dict[str, float]
+
+
+def build_lora_config(cfg: PipelineConfig) -> PeftLoraConfig:
+    """PEFT LoRA settings from ``lora.*`` (``all-linear`` adapts every linear layer but the LM head)."""
+    return PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+    )
+
+
+def build_sft_config(cfg: PipelineConfig, checkpoint_dir: Path, compute_dtype: torch.dtype, device: torch.device) -> SFTConfig:
+    """TRL arguments from the pipeline config. Mixed precision follows the chosen compute dtype.
+
+    SFTConfig defaults bf16=True and gradient_checkpointing=True; both are set explicitly because bf16
+    autocast on a CPU without bf16 units is ~100x slower.
+    """
+    train = cfg.train
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type=train.lr_scheduler,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        logging_steps=train.logging_steps,
+        gradient_checkpointing=train.gradient_checkpointing,
+        bf16=compute_dtype == torch.bfloat16,
+        fp16=compute_dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        max_length=cfg.data.max_length,
+        report_to=[],  # tracking goes through our own sink, to the pipeline's single MLflow run
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+
+
+class _MetricsCallback(TrainerCallback):
+    """Forwards the trainer's log dicts (loss, learning rate, grad norm) to a sink, on rank 0 only."""
+
+    def __init__(self, sink: MetricsSink | None) -> None:
+        self.sink = sink
+        self.history: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+        self.history.append({"step": state.global_step, **numeric})
+        logger.info("step %d/%d %s", state.global_step, state.max_steps,
+                    " ".join(f"{k}={v:.4g}" for k, v in numeric.items()))
+        if self.sink is not None:
+            self.sink(numeric, state.global_step)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as stored elements."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _restore_adapter_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    # TRL casts a quantised model's trainable LoRA weights to bf16 (QLoRA paper recipe). On a CPU that
+    # makes every adapter matmul bf16, ~100x slower here; keep adapters in the compute dtype instead.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def train_qlora(
+    cfg: PipelineConfig,
+    tokenized_path: Path,
+    run_dir: Path,
+    metrics_sink: MetricsSink | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on the (quantised) base and save it under ``run_dir/adapter``.
+
+    Args:
+        cfg: resolved pipeline config (``model.name_or_path`` points at real weights).
+        tokenized_path: JSONL of ``input_ids``/``labels`` from the format stage.
+        run_dir: this run's directory; checkpoints go to ``run_dir/checkpoints``.
+        metrics_sink: called with each log dict and step (e.g. MLflow logging).
+
+    Returns:
+        The adapter directory and final metrics (loss, steps, seconds, tokens/s, parameter counts).
+    """
+    set_seed(cfg.train.seed)
+    device = detect_device()
+    compute_dtype = select_compute_dtype(cfg.quant.compute_dtype, device)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, cfg.quant, device)
+    dataset = Dataset.from_json(str(tokenized_path), cache_dir=str(run_dir / "hf_cache"))
+    checkpoint_dir = run_dir / "checkpoints"
+    callback = _MetricsCallback(metrics_sink)
+    trainer = SFTTrainer(
+        model=model,
+        args=build_sft_config(cfg, checkpoint_dir, compute_dtype, device),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(cfg),
+        callbacks=[callback],
+    )
+    _restore_adapter_dtype(trainer.model, compute_dtype)
+    trainable, total = count_parameters(trainer.model)
+    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if resume:
+        logger.info("resuming from %s", resume)
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    adapter_dir = run_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    tokens = float(trainer.state.num_input_tokens_seen or 0)
+    losses = [h["loss"] for h in callback.history if "loss" in h]
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "final_loss": losses[-1] if losses else float(output.training_loss),
+        "global_step": float(trainer.state.global_step),
+        "train_seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        "trainable_params": float(trainable),
+        "trainable_ratio": round(trainable / total, 6) if total else 0.0,
+    }
+    return TrainResult(adapter_dir=adapter_dir, metrics=metrics)

@@ -1,0 +1,87 @@
+"""QLoRA training on a tiny model: the 4-bit base stays frozen, the adapter learns, the merge is exact."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from lora_pipeline.config import load_config
+from lora_pipeline.formatting import format_dataset
+from lora_pipeline.merge import MergeError, merge_adapter, merge_lora
+from lora_pipeline.modeling import load_base_model, load_tokenizer
+from lora_pipeline.training import train_qlora
+from tests.conftest import chat_rows
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tiny_rows_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"output_dir={run_dir}",
+        "train.max_steps=12", "train.warmup_steps=1", "train.save_steps=6", "train.logging_steps=4",
+        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.learning_rate=5e-3",
+    ])
+    tokenizer = load_tokenizer(cfg.model)
+    format_dataset(tokenizer, tiny_rows_path, run_dir / "tokenized.jsonl", cfg.data.max_length)
+    logged: list[tuple[int, dict]] = []
+    result = train_qlora(cfg, run_dir / "tokenized.jsonl", run_dir, metrics_sink=lambda m, s: logged.append((s, dict(m))))
+    return cfg, run_dir, result, logged
+
+
+def test_training_reports_metrics_and_streams_steps(trained):
+    _, _, result, logged = trained
+    assert result.metrics["global_step"] == 12
+    assert 0 < result.metrics["trainable_ratio"] < 1
+    assert result.metrics["tokens_per_second"] > 0
+    assert [step for step, m in logged if "loss" in m] == [4, 8, 12]
+
+
+def test_only_adapter_weights_change_and_base_is_4bit(trained, tiny_model_dir):
+    cfg, _, result, _ = trained
+    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+    # LoRA B starts at zero: any non-zero B proves the adapter trained.
+    assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
+    base = load_base_model(cfg.model, cfg.quant, torch.device("cpu"))
+    assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+    model = PeftModel.from_pretrained(base, str(result.adapter_dir), is_trainable=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # The base checkpoint on disk is untouched by training.
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for (n, a), (_, b) in zip(original.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_merged_model_matches_base_plus_adapter(trained):
+    cfg, run_dir, result, _ = trained
+    report = merge_adapter(cfg, result.adapter_dir, run_dir / "merged", chat_rows()[:4])
+    assert report.dequantized and report.n_prompts == 4
+    assert report.merge_rel_diff <= cfg.merge.parity_tolerance
+    assert report.quantized_rel_diff <= cfg.merge.quantized_parity_tolerance
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert (Path(run_dir / "merged") / "model.safetensors").is_file()
+    assert merged.generation_config.eos_token_id is not None
+
+
+def test_merge_into_4bit_weights_is_refused(trained):
+    cfg, _, result, _ = trained
+    quantized = load_base_model(cfg.model, cfg.quant, torch.device("cpu"))
+    with pytest.raises(MergeError, match="quantised"):
+        merge_lora(PeftModel.from_pretrained(quantized, str(result.adapter_dir)))
+
+
+def test_parity_failure_writes_nothing(trained, tmp_path):
+    cfg, _, result, _ = trained
+    strict = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"quantized_parity_tolerance": 1e-9})})
+    with pytest.raises(MergeError, match="quantized_parity_tolerance"):
+        merge_adapter(strict, result.adapter_dir, tmp_path / "merged", chat_rows()[:2])
+    assert not (tmp_path / "merged").exists()
