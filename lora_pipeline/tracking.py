@@ -1,0 +1,338 @@
+"""MLflow tracking without global state: every call names its tracking URI and run explicitly.
+
+One MLflow run per pipeline run. Functions take ``tracking_uri`` + ``run_id`` and use an
+``MlflowClient`` built for that URI, so two pipeline runs in one process (or a Prefect worker
+reusing its interpreter) never share an "active run". Anything shown to MLflow (params, tags) goes
+through :func:`mask_secrets` first: MLflow stores and displays those values verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+if TYPE_CHECKING:
+    from lora_pipeline.config import MlflowConfig
+
+logger = logging.getLogger(__name__)
+
+MASK = "***"
+# Serialises our own switches of MLflow's process-global URIs (Prefect may run tasks in threads).
+_FLUENT_LOCK = threading.RLock()
+
+# scheme://user:password@host -> scheme://user:***@host. Up to the last '@' before any '/', so a
+# raw '@' in the password is masked too, while "host:8080/a@b" (a port, then a path) is left alone.
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)[^/\s]+@")
+# ?token=... / &api_key=... / &client_secret=... / &sig=... (Azure SAS) in any URL or free text.
+_SECRET_QUERY = re.compile(
+    r"(?P<head>[?&;][\w.\-]*(?:token|password|passwd|pwd|secret|api[_\-]?key|sig|signature)=)[^&#\s]+",
+    re.IGNORECASE,
+)
+# Hugging Face user/org tokens and "Authorization: Bearer ..." values.
+_HF_TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{10,}\b")
+_BEARER = re.compile(r"(?P<head>\bBearer\s+)[A-Za-z0-9._~+/\-]+=*", re.IGNORECASE)
+
+# A config key is secret-looking when one of its words (split on _ - . or case) is one of these;
+# whole words only, so ``max_new_tokens`` or ``tokenizer`` are not masked but ``hf_token`` is.
+_SECRET_WORDS = frozenset({"token", "password", "passwd", "secret", "key", "apikey", "credential", "credentials"})
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    """SQLite store under the output dir, so nothing lands in the working directory.
+
+    Args:
+        output_dir: Root of all pipeline outputs (made absolute here).
+
+    Returns:
+        ``sqlite:///<abs output_dir>/mlflow.db``.
+    """
+    return f"sqlite:///{(Path(output_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
+def resolve_tracking_uri(cfg: MlflowConfig, output_dir: Path) -> str:
+    """The configured tracking URI, else :func:`default_tracking_uri`.
+
+    Args:
+        cfg: The ``mlflow`` section of the pipeline config.
+        output_dir: Root of all pipeline outputs.
+
+    Returns:
+        The URI to pass to every other function of this module.
+    """
+    return cfg.tracking_uri or default_tracking_uri(output_dir)
+
+
+def mask_secrets(text: str) -> str:
+    """Replace credentials in free text: URI passwords, secret query params, HF and bearer tokens.
+
+    Args:
+        text: Any string that may be logged or stored (URIs, error messages, tag values).
+
+    Returns:
+        The text with each secret replaced by ``***``; everything else unchanged.
+    """
+    text = _URI_PASSWORD.sub(rf"\g<head>{MASK}@", text)
+    text = _SECRET_QUERY.sub(rf"\g<head>{MASK}", text)
+    text = _BEARER.sub(rf"\g<head>{MASK}", text)
+    return _HF_TOKEN.sub(MASK, text)
+
+
+def _is_secret_key(key: str) -> bool:
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
+    return bool(_SECRET_WORDS.intersection(re.split(r"[^a-z0-9]+", words)))
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested mapping to dotted string params, with secrets masked.
+
+    Args:
+        tree: Nested mapping, e.g. ``cfg.model_dump(mode="json")``.
+        prefix: Dotted prefix for the keys (used by the recursion).
+
+    Returns:
+        ``{"lora.r": "16", ...}``. Lists become JSON; values under secret-looking keys (token,
+        password, secret, key, ...) become ``***`` unless empty/None; all values pass through
+        :func:`mask_secrets`.
+    """
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{dotted}."))
+            continue
+        text = json.dumps(value, default=str) if isinstance(value, (list, tuple)) else str(value)
+        if _is_secret_key(str(key)) and value not in (None, ""):
+            text = MASK
+        flat[dotted] = mask_secrets(text)
+    return flat
+
+
+def mlflow_client(tracking_uri: str) -> mlflow.MlflowClient:
+    """A client bound to ``tracking_uri`` for tracking *and* registry (ignores MLFLOW_REGISTRY_URI).
+
+    Args:
+        tracking_uri: Tracking store URI; for ``sqlite:///`` its directory is created.
+
+    Returns:
+        The client.
+    """
+    # SQLite creates the database file but not its directory. The registry lives in the tracking
+    # store: the config has no separate registry URI.
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _log_batched(tracking_uri: str, run_id: str, kind: str, items: list[Any], size: int) -> None:
+    # log_batch caps entities per request (100 params/tags, 1000 metrics).
+    client = mlflow_client(tracking_uri)
+    for start in range(0, len(items), size):
+        client.log_batch(run_id, **{kind: items[start : start + size]})
+
+
+def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: Path) -> str:
+    """Get or create the experiment; a new one stores artifacts under ``artifact_root``.
+
+    Explicit because MLflow's default artifact location (SQLite store) is ``./mlruns`` in the CWD.
+
+    Args:
+        tracking_uri: Tracking store URI.
+        experiment_name: Experiment to use.
+        artifact_root: Local directory for this experiment's artifacts (made absolute).
+
+    Returns:
+        The experiment id.
+
+    Raises:
+        MlflowException: the store is unreachable or refuses the experiment.
+    """
+    client = mlflow_client(tracking_uri)
+    location = Path(artifact_root).expanduser().resolve().as_uri()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        try:
+            return client.create_experiment(experiment_name, artifact_location=location)
+        except MlflowException:
+            # Another process may have created it between our lookup and create.
+            experiment = client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    if experiment.artifact_location != location:
+        logger.warning("experiment %r keeps its artifact location %s (asked for %s)",
+                       experiment_name, mask_secrets(experiment.artifact_location), location)
+    return experiment.experiment_id
+
+
+def start_pipeline_run(
+    tracking_uri: str,
+    experiment_name: str,
+    artifact_root: Path,
+    run_name: str,
+    tags: Mapping[str, str],
+) -> str:
+    """Create a RUNNING run (not the fluent "active run") in the experiment.
+
+    Args:
+        tracking_uri: Tracking store URI.
+        experiment_name: Experiment, created under ``artifact_root`` if absent.
+        artifact_root: See :func:`ensure_experiment`.
+        run_name: Display name of the run.
+        tags: Run tags; values are masked.
+
+    Returns:
+        The run id; pass it to the other functions.
+    """
+    experiment_id = ensure_experiment(tracking_uri, experiment_name, artifact_root)
+    run = mlflow_client(tracking_uri).create_run(experiment_id, run_name=run_name, tags=masked_tags(tags))
+    return run.info.run_id
+
+
+def masked_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """Tag values as strings, secrets masked, cut to MLflow's run-tag limit (8000 chars).
+
+    Args:
+        tags: Tag name -> value.
+
+    Returns:
+        The masked tags.
+    """
+    return {str(k): _truncate(mask_secrets(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params in batches; values longer than MLflow's limit are truncated (with ``...``).
+
+    Args:
+        tracking_uri: Tracking store URI.
+        run_id: Run to log to.
+        params: Already flattened and masked (see :func:`flatten_config`).
+
+    Raises:
+        MlflowException: e.g. a param already logged on this run with a different value.
+    """
+    items = [Param(str(k), _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+    _log_batched(tracking_uri, run_id, "params", items, MAX_PARAMS_TAGS_PER_BATCH)
+
+
+def log_metrics(
+    tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None
+) -> None:
+    """Log numeric metrics at one step (0 when not given), in batches.
+
+    Args:
+        tracking_uri: Tracking store URI.
+        run_id: Run to log to.
+        metrics: Name -> value.
+        step: Training step the values belong to.
+    """
+    now = int(time.time() * 1000)
+    items = [Metric(str(k), float(v), now, step or 0) for k, v in metrics.items()]
+    _log_batched(tracking_uri, run_id, "metrics", items, MAX_METRICS_PER_BATCH)
+
+
+def log_artifacts(
+    tracking_uri: str, run_id: str, local_dir_or_file: Path, artifact_path: str | None = None
+) -> None:
+    """Upload a file or a directory's contents into the run's artifacts.
+
+    Args:
+        tracking_uri: Tracking store URI.
+        run_id: Run to log to.
+        local_dir_or_file: What to upload.
+        artifact_path: Sub-directory in the run's artifacts (root when None).
+
+    Raises:
+        FileNotFoundError: ``local_dir_or_file`` does not exist.
+    """
+    path = Path(local_dir_or_file)
+    client = mlflow_client(tracking_uri)
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    elif path.is_file():
+        client.log_artifact(run_id, str(path), artifact_path)
+    else:
+        raise FileNotFoundError(f"nothing to log at {path}")
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set (masked, length-limited) tags on a run.
+
+    Args:
+        tracking_uri: Tracking store URI.
+        run_id: Run to tag.
+        tags: Tag name -> value.
+    """
+    items = [RunTag(k, v) for k, v in masked_tags(tags).items()]
+    _log_batched(tracking_uri, run_id, "tags", items, MAX_PARAMS_TAGS_PER_BATCH)
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run terminated.
+
+    Args:
+        tracking_uri: Tracking store URI.
+        run_id: Run to end.
+        status: ``FINISHED``, ``FAILED`` or ``KILLED``.
+
+    Raises:
+        ValueError: unknown status.
+    """
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
+    mlflow_client(tracking_uri).set_terminated(run_id, status=status)
+
+
+@contextmanager
+def fluent_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's *global* tracking/registry URI at ``tracking_uri``, restoring it afterwards.
+
+    For the few MLflow APIs that only use the global URI (``mlflow.transformers.log_model``,
+    ``models:/`` URI resolution). Blocks of this function are serialised by a lock, but a thread
+    making its own fluent MLflow calls at the same moment would see this URI.
+
+    Args:
+        tracking_uri: URI to use inside the block.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _FLUENT_LOCK:
+        saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        # Module globals (private): set_*_uri(None) would also wipe env vars the user set themselves.
+        saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_globals[0])
+            registry_utils._registry_uri = saved_globals[1]
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny chat model (random weights) whose template marks assistant turns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.tiny_model import build_tiny_llama
+
+#: Same turn layout as tests.tiny_model.CHAT_TEMPLATE, plus the {% generation %} markers that
+#: assistant-only loss masks are computed from.
+TRAINABLE_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ '<|' + message['role'] + '|>' }}{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+COLOURS = ["red", "green", "blue", "black", "white", "pink", "brown", "grey"]
+ANIMALS = ["cat", "dog", "fox", "owl", "cow", "pig", "hen", "elk"]
+
+
+def chat_rows() -> list[dict]:
+    """64 small copy-task conversations (the same shape as the demo world's rows)."""
+    return [
+        {"messages": [{"role": "user", "content": f"repeat {c} {a}"}, {"role": "assistant", "content": f"{c} {a}"}]}
+        for c in COLOURS for a in ANIMALS
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama + BPE tokenizer with a generation-marked chat template."""
+    path = tmp_path_factory.mktemp("tiny-chat-model")
+    build_tiny_llama(path, corpus=[" ".join(COLOURS + ANIMALS + ["repeat"])])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = TRAINABLE_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_rows_path(tmp_path_factory) -> Path:
+    """The chat rows as a messages-format JSONL file."""
+    path = tmp_path_factory.mktemp("rows") / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows()))
+    return path
