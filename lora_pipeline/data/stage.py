@@ -1,0 +1,120 @@
+"""The data stage: load -> normalise -> clean/quarantine -> GX-validate -> report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_pipeline.config import DataConfig
+from lora_pipeline.data.cleaning import RowChecker, build_contamination_index, strict_rows
+from lora_pipeline.data.expectations import SuiteBounds, run_suite
+from lora_pipeline.data.report import build_report, failure_messages, reject_fraction
+from lora_pipeline.data.sources import resolve_source
+from lora_pipeline.data.writer import CLEAN_FILENAME, QUARANTINE_FILENAME, split_source
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILENAME = "report.json"
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Everything the data stage produced (paths are under ``out_dir``)."""
+
+    out_dir: Path
+    clean_path: Path
+    quarantine_path: Path
+    report_path: Path
+    data_docs_dir: Path | None
+    n_input: int
+    n_clean: int
+    n_quarantined: int
+    reason_counts: dict[str, int]
+    success: bool
+    failures: list[str]
+    data_hash: str
+
+
+def validate_dataset(
+    cfg: DataConfig,
+    source: str | Path,
+    out_dir: Path,
+    *,
+    special_tokens: Sequence[str] = (),
+    decontaminate_against: Sequence[Path] = (),
+) -> ValidationResult:
+    """Load, normalise, clean and validate a training set; quarantine rejected rows with reasons.
+
+    Every source row ends up in exactly one of ``clean.jsonl`` and ``quarantine.jsonl``. The clean
+    rows' derived columns are then checked by a Great Expectations suite, whose result JSON and Data
+    Docs are written under ``out_dir``.
+
+    Args:
+        cfg: The data config (``format``, ``min_rows``, ``max_reject_fraction``, ``max_length``).
+        source: JSONL/JSON/CSV/Parquet file, ``save_to_disk`` directory, folder of data files, or a
+            hub dataset id (``datasets.load_dataset(source, split="train")``).
+        out_dir: Output directory (created).
+        special_tokens: Tokenizer special tokens; rows whose text contains one are quarantined.
+        decontaminate_against: Held-out sets (any supported format, detected per row); training rows
+            whose normalised prompt appears in them are quarantined as ``contaminated``.
+
+    Returns:
+        The :class:`ValidationResult`; ``success`` is False (with ``failures``) when the GX suite
+        fails, too many rows are quarantined, or too few clean rows remain.
+
+    Raises:
+        DataError: the source (or a decontamination file) is missing or cannot be read at all.
+    """
+    src = resolve_source(source)
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contamination = build_contamination_index(decontaminate_against)
+    checker = RowChecker(cfg.format, special_tokens, contamination.prompts)
+    chat = cfg.format != "text"
+    tally = split_source(src, checker, out_dir, chat=chat)
+    bounds = SuiteBounds.from_config(cfg)
+    gx = run_suite(tally.profile.to_frame(), bounds, chat, out_dir)
+    failures = failure_messages(cfg, src, tally, gx)
+    success = gx.success and not failures
+    report = build_report(cfg, src, tally, gx, bounds, failures=failures, success=success,
+                          extra={"decontamination": contamination.to_dict(),
+                                 "n_special_tokens": len(set(special_tokens))})
+    report_path = out_dir / REPORT_FILENAME
+    report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    logger.info("data: %d rows from %s -> %d clean, %d quarantined (%.1f%%) %s; GX %s",
+                tally.n_input, src.name, tally.n_clean, tally.n_quarantined, 100 * reject_fraction(tally),
+                dict(tally.reason_counts), "passed" if gx.success else "FAILED")
+    return ValidationResult(
+        out_dir=out_dir,
+        clean_path=out_dir / CLEAN_FILENAME,
+        quarantine_path=out_dir / QUARANTINE_FILENAME,
+        report_path=report_path,
+        data_docs_dir=gx.data_docs_dir,
+        n_input=tally.n_input,
+        n_clean=tally.n_clean,
+        n_quarantined=tally.n_quarantined,
+        reason_counts=dict(sorted(tally.reason_counts.items())),
+        success=success,
+        failures=failures,
+        data_hash=tally.data_hash,
+    )
+
+
+def read_messages(source: str | Path, data_format: str) -> list[dict]:
+    """Load and normalise every row of ``source`` without quarantine (for eval and regression sets).
+
+    Args:
+        source: Any source :func:`validate_dataset` accepts.
+        data_format: The rows' format (see ``DataConfig.format``).
+
+    Returns:
+        Normalised rows: ``{"messages": [...]}``, or ``{"text": ...}`` for the ``text`` format.
+
+    Raises:
+        DataError: the source is missing/unreadable, or a row is unparseable, lacks a field, has a
+            wrong type, empty text or bad roles; the message names the file, line/row and rule.
+    """
+    return list(strict_rows(source, data_format))
