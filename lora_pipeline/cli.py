@@ -14,9 +14,12 @@ from lora_pipeline.config import ConfigError, PipelineConfig, load_config
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 # The first ephemeral Prefect API start migrates its SQLite database, which can take longer than
-# Prefect's 20 s default on 2 cores; library loggers are forwarded to the Prefect task logs.
+# Prefect's 20 s default on 2 cores; library loggers are forwarded to the Prefect task logs. The
+# server's telemetry heartbeat is off: the pipeline runs offline, and its first write races the
+# migration ("database is locked").
 _PROCESS_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "lora_pipeline",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "GX_ANALYTICS_ENABLED": "false",

@@ -55,16 +55,26 @@ def generate_answers(
 
 
 def score_generation_suite(
-    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int, batch_size: int
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int, batch_size: int,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Exact match against each row's final assistant turn, and the fraction that stopped at EOS."""
+    """Exact match against each row's final assistant turn, and the fraction that stopped at EOS.
+
+    Args:
+        records: if given, receives one dict per row (prompt, expected, answer, stopped, correct), so
+            a person can see *what* the model answered, not only how often it was right.
+    """
     if not rows:
         return {}
     answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
-    hits = sum(
-        normalize_answer(text) == normalize_answer(row["messages"][-1]["content"])
-        for (text, _), row in zip(answers, rows, strict=True)
-    )
+    hits = 0
+    for (text, stopped), row in zip(answers, rows, strict=True):
+        expected = row["messages"][-1]["content"]
+        correct = normalize_answer(text) == normalize_answer(expected)
+        hits += correct
+        if records is not None:
+            records.append({"prompt": row["messages"][:-1], "expected": expected, "answer": text,
+                            "stopped": stopped, "correct": correct})
     return {"exact_match": hits / len(rows), "stop_rate": sum(s for _, s in answers) / len(rows), "n": len(rows)}
 
 
@@ -89,15 +99,29 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, suites: EvalSuites, *, max_new_tokens: int, batch_size: int, max_length: int
+    model: Any, tokenizer: Any, suites: EvalSuites, *, max_new_tokens: int, batch_size: int, max_length: int,
+    generations_path: Path | None = None,
 ) -> dict[str, float]:
-    """Score one model on every suite; flat metric names (``task_exact_match``, ...)."""
+    """Score one model on every suite; flat metric names (``task_exact_match``, ...).
+
+    Args:
+        generations_path: if given, every generated answer is written there as JSONL (with its suite).
+    """
     metrics: dict[str, float] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
     for name, rows in (("task", suites.task), ("regression", suites.regression_qa)):
-        for key, value in score_generation_suite(model, tokenizer, rows, max_new_tokens, batch_size).items():
+        records[name] = []
+        scores = score_generation_suite(model, tokenizer, rows, max_new_tokens, batch_size, records[name])
+        for key, value in scores.items():
             metrics[f"{name}_{key}"] = value
     if suites.regression_text:
         metrics["regression_perplexity"] = perplexity(model, tokenizer, suites.regression_text, batch_size, max_length)
+    if generations_path is not None:
+        generations_path.parent.mkdir(parents=True, exist_ok=True)
+        with generations_path.open("w", encoding="utf-8") as handle:
+            for suite, suite_records in records.items():
+                for record in suite_records:
+                    handle.write(json.dumps({"suite": suite, **record}, ensure_ascii=False) + "\n")
     return metrics
 
 

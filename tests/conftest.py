@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from tests.tiny_model import build_tiny_llama
+
+# Offline, like the CLI: no telemetry heartbeat from the test Prefect server (set before Prefect loads).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 #: Same turn layout as tests.tiny_model.CHAT_TEMPLATE, plus the {% generation %} markers that
 #: assistant-only loss masks are computed from.

@@ -1,0 +1,1 @@
+"""Prefect deployments of the flows, declared as data in ``deployments.yaml``."""

@@ -1,0 +1,105 @@
+"""The fine-tuning flow: dataset + base model in, a registered, gated, merged model out."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from prefect import flow, get_run_logger, runtime
+
+from lora_pipeline.config import load_config
+from lora_pipeline.gate import gate_candidate
+from lora_pipeline.summary import RunSummary, new_run_dir
+from lora_pipeline.tracking import mask_secrets
+from tasks.assets import resolve_assets
+from tasks.data import format_prompts, validate_data
+from tasks.evaluate import evaluate
+from tasks.merge import merge
+from tasks.register import register
+from tasks.tracking import close_tracking_run, log_results, open_tracking_run
+from tasks.train import train_qlora
+
+
+@flow(name="finetune")
+def finetune(config_path: str | None = None, overrides: list[str] | None = None, summary_json: str | None = None) -> dict:
+    """Validate, format, QLoRA-train, evaluate, gate, merge and register one model.
+
+    Steps:
+        1. resolve_assets  - locate the base model and data (build the offline demo world if asked)
+        2. open_tracking_run - one MLflow run for the whole pipeline run, config logged as params
+        3. validate_data   - clean + quarantine rows, Great Expectations suite; stops the run on failure
+        4. format_prompts  - chat template, assistant-only labels, EOS-unmasked proof
+        5. train_qlora     - 4-bit base + LoRA adapter with TRL's SFTTrainer
+        6. evaluate        - the same evaluation on the base model and on the candidate
+        7. gate            - pure decision: task gain and regression tolerance, with reasons
+        8. merge           - adapter into the de-quantised base, logit parity checked
+        9. register        - MLflow model registry version with lineage tags (idempotent per run key)
+
+    Args:
+        config_path: YAML config; None uses the embedded defaults (the offline demo).
+        overrides: ``a.b=c`` strings applied on top of the file.
+        summary_json: also write the run summary to this path.
+    """
+    logger = get_run_logger()
+    # Library progress (demo-world build, training steps) is INFO; Prefect forwards the logger via
+    # PREFECT_LOGGING_EXTRA_LOGGERS but leaves its level at the root's WARNING.
+    if logging.getLogger("lora_pipeline").level == logging.NOTSET:
+        logging.getLogger("lora_pipeline").setLevel(logging.INFO)
+    cfg = load_config(config_path, overrides or [])
+    flow_run_id = str(runtime.flow_run.id)
+    run_dir = new_run_dir(cfg.output_dir, flow_run_id)
+    summary = RunSummary(flow_run_id=flow_run_id, run_dir=str(run_dir))
+    tracking_info: dict[str, str] | None = None
+    logger.info("run directory: %s", run_dir)
+    try:
+        with summary.stage("resolve_assets"):
+            cfg = resolve_assets(cfg)
+        tracking_info = open_tracking_run(cfg, str(run_dir), flow_run_id)
+        summary.results["mlflow_run_id"] = tracking_info["run_id"]
+        summary.results["mlflow_tracking_uri"] = mask_secrets(tracking_info["tracking_uri"])
+        with summary.stage("validate_data"):
+            data = validate_data(cfg, str(run_dir))
+            summary.results["data"] = data
+        with summary.stage("format_prompts"):
+            formatted = format_prompts(cfg, data["clean_path"], str(run_dir))
+        with summary.stage("train_qlora"):
+            trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), tracking_info)
+            summary.results["train"] = trained["metrics"]
+        with summary.stage("evaluate"):
+            base_metrics = evaluate(cfg, str(run_dir), "base")
+            candidate_metrics = evaluate(cfg, str(run_dir), "candidate", trained["adapter_dir"])
+            summary.results["eval"] = {"base": base_metrics, "candidate": candidate_metrics}
+        with summary.stage("gate"):
+            decision = gate_candidate(base_metrics, candidate_metrics, cfg.gate)
+            summary.results["gate"] = decision.to_dict()
+            for reason in decision.reasons:
+                logger.info("gate %s: %s", "PASS" if decision.passed else "FAIL", reason)
+        with summary.stage("merge"):
+            merged = merge(cfg, trained["adapter_dir"], str(run_dir))
+            summary.results["merge"] = merged
+        run_key = hashlib.sha256(f"{cfg.config_hash()}:{data['data_hash']}".encode()).hexdigest()[:16]
+        lineage = {
+            "run_key": run_key, "config_hash": cfg.config_hash(), "data_hash": data["data_hash"],
+            "base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision or "",
+            "flow_run_id": flow_run_id, "gate_passed": str(decision.passed),
+            **{f"eval.{name}.{k}": f"{v:.4f}" for name, m in summary.results["eval"].items() for k, v in m.items()},
+        }
+        with summary.stage("register"):
+            registered = register(cfg, merged["merged_dir"], trained["adapter_dir"], tracking_info, run_key, lineage)
+            summary.results["registered_model"] = registered
+        log_results(tracking_info, _final_metrics(summary.results), {"gate_passed": str(decision.passed),
+                    "gate_reasons": "; ".join(decision.reasons)}, str(run_dir / "eval"))
+        summary.status = "completed"
+        return summary.to_dict()
+    finally:
+        summary.write(run_dir / "summary.json", summary_json)
+        if tracking_info is not None:
+            close_tracking_run(tracking_info, "FINISHED" if summary.status == "completed" else "FAILED")
+
+
+def _final_metrics(results: dict) -> dict[str, float]:
+    metrics = {f"eval/{label}/{k}": float(v) for label, m in results["eval"].items() for k, v in m.items()}
+    metrics["merge/merge_rel_diff"] = float(results["merge"]["merge_rel_diff"])
+    metrics["merge/quantized_rel_diff"] = float(results["merge"]["quantized_rel_diff"])
+    metrics["gate/passed"] = float(results["gate"]["passed"])
+    return metrics

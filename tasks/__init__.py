@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers (retries, timeouts, caching) over one library call each."""

@@ -1,0 +1,13 @@
+"""Resolve the model and data locations (build the offline demo world on first use)."""
+
+from prefect import task
+
+from lora_pipeline import stages
+from lora_pipeline.config import PipelineConfig
+
+
+# Retried: a hub download of a real base model can fail transiently.
+@task(name="resolve_assets", retries=2, retry_delay_seconds=[5, 15])
+def resolve_assets(cfg: PipelineConfig) -> PipelineConfig:
+    """Return the config with every builtin:demo path replaced by the cached demo world."""
+    return stages.resolve_assets(cfg)

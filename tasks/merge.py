@@ -1,0 +1,15 @@
+"""Merge task: adapter into the de-quantised base, with a logit parity check."""
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from lora_pipeline import stages
+from lora_pipeline.config import PipelineConfig
+
+
+@task(name="merge")
+def merge(cfg: PipelineConfig, adapter_dir: str, run_dir: str) -> dict[str, Any]:
+    """Merge and save the standalone model; fails (nothing written) if parity is broken."""
+    return stages.merge(cfg, Path(adapter_dir), Path(run_dir))

@@ -1,0 +1,32 @@
+"""MLflow tasks: open the pipeline run, log small results, close it."""
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from lora_pipeline import stages, tracking
+from lora_pipeline.config import PipelineConfig
+
+
+# Retried: a remote tracking server can be briefly unreachable.
+@task(name="open_tracking_run", retries=3, retry_delay_seconds=[2, 5, 15])
+def open_tracking_run(cfg: PipelineConfig, run_dir: str, flow_run_id: str) -> dict[str, str]:
+    """Create the run's MLflow run; returns its tracking URI and run id."""
+    return stages.open_tracking(cfg, Path(run_dir), flow_run_id)
+
+
+@task(name="log_results", retries=3, retry_delay_seconds=[2, 5, 15])
+def log_results(tracking_info: dict[str, str], metrics: dict[str, float], tags: dict[str, str], artifacts_dir: str | None = None) -> None:
+    """Log final metrics, tags and (optionally) a directory of small artefacts to the MLflow run."""
+    uri, run_id = tracking_info["tracking_uri"], tracking_info["run_id"]
+    tracking.log_metrics(uri, run_id, metrics)
+    tracking.set_tags(uri, run_id, tags)
+    if artifacts_dir:
+        tracking.log_artifacts(uri, run_id, Path(artifacts_dir))
+
+
+@task(name="close_tracking_run", retries=3, retry_delay_seconds=[2, 5, 15])
+def close_tracking_run(tracking_info: dict[str, str], status: str) -> None:
+    """Mark the MLflow run FINISHED or FAILED."""
+    tracking.end_run(tracking_info["tracking_uri"], tracking_info["run_id"], status)

@@ -1,0 +1,94 @@
+"""End to end: the Prefect flow on a tiny model and tiny data, from rows to a registered version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_pipeline.registry import load_text_generation
+from tests.conftest import chat_rows
+
+STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register"]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """An ephemeral Prefect API on a temporary database, shared by this module's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_config(tiny_model_dir, tmp_path_factory) -> Path:
+    """A config pointing at the tiny model and tiny data files, with a handful of training steps."""
+    root = tmp_path_factory.mktemp("e2e")
+    rows = chat_rows()
+    train, held_out = rows[8:], rows[:8]
+    config = {
+        "output_dir": str(root / "outputs"),
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"path": _write_jsonl(root / "train.jsonl", train), "format": "messages",
+                 "eval_path": _write_jsonl(root / "eval.jsonl", held_out), "max_length": 64, "min_rows": 8},
+        "eval": {"regression_qa_path": _write_jsonl(root / "qa.jsonl", held_out[:4]),
+                 "regression_text_path": _write_jsonl(root / "text.jsonl", [{"text": "red cat blue owl"}]),
+                 "max_new_tokens": 6, "batch_size": 8},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_steps": 6, "warmup_steps": 1, "save_steps": 3, "logging_steps": 2, "per_device_batch_size": 8},
+        "gate": {"min_task_gain": 0.0, "max_regression": 1.0},
+        "registry": {"model_name": "e2e-tiny"},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path, monkeypatch):
+    from flows.finetune import finetune
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written relative to the working directory
+    summary_path = tmp_path / "summary.json"
+    result = finetune(config_path=str(small_config), summary_json=str(summary_path))
+    summary = json.loads(summary_path.read_text())
+    assert summary == json.loads(json.dumps(result, default=str))
+    assert [s["name"] for s in summary["stages"]] == STAGES
+    assert all(s["status"] == "completed" and s["seconds"] >= 0 for s in summary["stages"])
+    assert summary["status"] == "completed" and summary["flow_run_id"]
+    assert summary["train"]["global_step"] == 6
+    assert {"task_exact_match", "regression_exact_match", "regression_perplexity", "task_stop_rate"} <= set(
+        summary["eval"]["base"]) == set(summary["eval"]["candidate"])
+    assert summary["gate"]["passed"] is True and summary["gate"]["reasons"]
+    assert summary["registered_model"]["name"] == "e2e-tiny" and summary["registered_model"]["version"] == "1"
+    run_dir = Path(summary["run_dir"])
+    for produced in ["data/clean.jsonl", "data/quarantine.jsonl", "formatted/tokenized.jsonl", "adapter",
+                     "eval/base.json", "eval/candidate.json", "merged/model.safetensors", "summary.json"]:
+        assert (run_dir / produced).exists(), produced
+    assert list(tmp_path.iterdir()) == [summary_path]
+
+    outputs = run_dir.parents[1]
+    pipe = load_text_generation(summary["registered_model"]["model_uri"], f"sqlite:///{outputs / 'mlflow.db'}")
+    answer = pipe([{"role": "user", "content": "repeat red cat"}], max_new_tokens=6)
+    assert isinstance(answer[0]["generated_text"], list)
+
+
+def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_path):
+    from flows.finetune import finetune
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\nnot json\n' * 20)
+    summary_path = tmp_path / "summary.json"
+    with pytest.raises(Exception, match="data validation failed"):
+        finetune(config_path=str(small_config), overrides=[f"data.path={bad}"], summary_json=str(summary_path))
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "failed"
+    assert [(s["name"], s["status"]) for s in summary["stages"]][-1] == ("validate_data", "failed")
+    assert "train" not in summary and "bad.jsonl" in summary["error"]
