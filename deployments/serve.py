@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.schedules import Cron
 
 from flows.finetune import finetune
 
@@ -32,9 +33,10 @@ def build_deployments(path: Path = DECLARATIONS) -> list[Any]:
     deployments = []
     for item in load_declarations(path):
         flow = FLOWS[item["entrypoint"]]
-        schedule = {"cron": item["cron"], "timezone": item.get("timezone", "UTC")} if item.get("cron") else {}
+        # ``prefect.schedules.Cron`` carries the timezone; ``to_deployment(timezone=...)`` is gone in Prefect 3.9.
+        schedules = [Cron(item["cron"], timezone=item.get("timezone", "UTC"))] if item.get("cron") else None
         deployments.append(flow.to_deployment(
-            name=item["name"], description=item.get("description"), parameters=item["parameters"], **schedule,
+            name=item["name"], description=item.get("description"), parameters=item["parameters"], schedules=schedules,
         ))
     return deployments
 

@@ -15,6 +15,7 @@ def test_deployments_build_with_schedule_and_parameters():
     deployments = {d.name: d for d in build_deployments()}
     weekly = deployments["weekly-retrain"]
     assert weekly.schedules and weekly.schedules[0].schedule.cron == "0 3 * * 1"
+    assert weekly.schedules[0].schedule.timezone == "UTC"
     assert weekly.parameters["config_path"].endswith("configs/demo.yaml")
     assert deployments["adhoc"].schedules in (None, [])
 

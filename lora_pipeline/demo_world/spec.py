@@ -19,9 +19,14 @@ FORMAT_VERSION = 1
 class DemoWorldSpec(BaseModel):
     """Sizes, model dimensions and pre-training settings of the offline demo world.
 
-    Defaults are the real demo: a tiny Llama (0.6M parameters) pre-trained in about two minutes on 2 CPU cores that
-    knows the regression skills (capitals, opposites, copying, Vornish translation) and not the task (word-by-word
-    translation into the fictional Zerbic language), which a LoRA adapter learns in a few hundred steps.
+    Defaults are the real demo: a tiny Llama (0.9M parameters), pre-trained in about three and a half minutes on
+    2 CPU cores, that knows the regression skills (capitals, opposites, copying, Vornish translation) and not the
+    task (word-by-word translation into the fictional Zerbic language), which a LoRA adapter learns in a few hundred
+    steps.
+
+    Measured on 2 cores: at 3,000 pre-training steps the base scored 91 % on regression and the demo candidate
+    plateaued at 73 % on the task (position slips inside sequences); at 4,000 steps the base scores 100 % and the
+    candidate 100 %, so 4,000 is the default.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -64,7 +69,7 @@ class DemoWorldSpec(BaseModel):
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
 
     # --- pre-training ----------------------------------------------------------------------------
-    pretrain_steps: int = Field(3000, ge=1, description="Optimizer steps of base-model pre-training.")
+    pretrain_steps: int = Field(4000, ge=1, description="Optimizer steps of base-model pre-training.")
     pretrain_batch_size: int = Field(32, ge=1, description="Sequences per pre-training step.")
     pretrain_lr: float = Field(5e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay).")
     pretrain_warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
