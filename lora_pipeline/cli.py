@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from lora_pipeline.config import ConfigError, PipelineConfig, load_config
+# bitsandbytes warns at import, on CPUs that report AVX-512 bf16, that it cannot fetch an optional kernel
+# from the Hugging Face hub; the pipeline runs offline and bitsandbytes falls back to its built-in kernel.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from lora_pipeline.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 
 #: Suffixes that make a ``data.path``-like string a local file (anything else may be a hub dataset name).
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
