@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from lora_pipeline.demo_world.tokenizer import CHAT_TEMPLATE as DEMO_CHAT_TEMPLATE
 from tests.tiny_model import build_tiny_llama
 
 # Offline, like the CLI: no telemetry heartbeat from the test Prefect server (set before Prefect loads).
@@ -16,16 +17,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 #: Same turn layout as tests.tiny_model.CHAT_TEMPLATE, plus the {% generation %} markers that
-#: assistant-only loss masks are computed from.
-TRAINABLE_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
-    "{% else %}{{ '<|' + message['role'] + '|>' }}{{ message['content'] }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+#: assistant-only loss masks are computed from: the demo world's template.
+TRAINABLE_CHAT_TEMPLATE = DEMO_CHAT_TEMPLATE
 
 COLOURS = ["red", "green", "blue", "black", "white", "pink", "brown", "grey"]
 ANIMALS = ["cat", "dog", "fox", "owl", "cow", "pig", "hen", "elk"]
