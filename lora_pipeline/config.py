@@ -34,6 +34,11 @@ class ModelConfig(_Strict):
     name_or_path: str = Field(BUILTIN_DEMO, description="Local model dir, hub id, or builtin:demo.")
     revision: str | None = Field(None, description="Hub revision (commit/tag) to pin.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code (needs a pinned revision).")
+    chat_template: Literal["tokenizer", "chatml", "llama3", "alpaca"] = Field(
+        "tokenizer",
+        description="Prompt format: tokenizer = keep the tokenizer's own template; or a named template from "
+        "lora_pipeline.chat_templates (installed on the base tokenizer, saved with the adapter and merged model).",
+    )
 
     @model_validator(mode="after")
     def _remote_code_needs_revision(self) -> ModelConfig:
@@ -51,6 +56,9 @@ class DataConfig(_Strict):
     max_length: int = Field(128, gt=8, description="Token budget per templated sample (truncation length).")
     min_rows: int = Field(10, ge=1, description="Fewest clean rows a run may train on.")
     max_reject_fraction: float = Field(0.2, ge=0.0, le=1.0, description="Fail if more rows are quarantined.")
+    max_truncated_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fail if more clean rows exceed data.max_length (a truncated answer loses "
+        "its EOS, which teaches the model not to stop).")
 
 
 class LoraConfig(_Strict):

@@ -23,15 +23,21 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizedSample:
-    """One conversation as model inputs, after truncation to the token budget."""
+    """One conversation (or text row) as model inputs, after truncation to the token budget."""
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    full_length: int  # templated length before truncation
+    answers_in_budget: int  # assistant turns (a text row: its single EOS) whose last token fits the budget
 
     @property
     def n_trainable(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+    def trained_eos(self, eos_token_id: int) -> int:
+        """EOS tokens whose label is kept: equals ``answers_in_budget`` when every answer ends in a trained EOS."""
+        return sum(label == eos_token_id for label in self.labels)
 
 
 @dataclass
@@ -102,8 +108,35 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], ma
     mask = list(encoded["assistant_masks"])
     _check_special_tokens(tokenizer, input_ids, mask, messages)
     labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, mask, strict=True)]
-    truncated = len(input_ids) > max_length
-    return TokenizedSample(input_ids[:max_length], labels[:max_length], truncated)
+    answer_ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+    return TokenizedSample(
+        input_ids=input_ids[:max_length],
+        labels=labels[:max_length],
+        truncated=len(input_ids) > max_length,
+        full_length=len(input_ids),
+        answers_in_budget=sum(end < max_length for end in answer_ends),
+    )
+
+
+def tokenize_text(tokenizer: Any, text: str, max_length: int) -> TokenizedSample:
+    """One ``text`` row (continued pre-training): BOS + text + EOS, every token after BOS trained."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    input_ids = bos + list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(bos) + input_ids[len(bos):]
+    return TokenizedSample(
+        input_ids=input_ids[:max_length],
+        labels=labels[:max_length],
+        truncated=len(input_ids) > max_length,
+        full_length=len(input_ids),
+        answers_in_budget=int(len(input_ids) <= max_length),
+    )
+
+
+def tokenize_row(tokenizer: Any, row: dict[str, Any], max_length: int) -> TokenizedSample:
+    """A normalised data-stage row (``{"messages": [...]}`` or ``{"text": ...}``) as a training sample."""
+    if "messages" in row:
+        return tokenize_conversation(tokenizer, row["messages"], max_length)
+    return tokenize_text(tokenizer, row["text"], max_length)
 
 
 def _check_special_tokens(
@@ -137,8 +170,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def format_dataset(tokenizer: Any, clean_path: Path, out_path: Path, max_length: int) -> FormatReport:
     """Tokenize every clean row into ``out_path`` (JSONL of input_ids/labels) and count the masks.
 
-    Rows left with no trainable token after truncation are not written; their line numbers are reported
-    so the caller can quarantine them.
+    Rows left with no trainable token after truncation are not written; their line numbers are reported.
+    (The data stage, given the same tokenizer and budget, already quarantines such rows; this is the
+    safety net for a clean file produced elsewhere.)
     """
     check_tokenizer(tokenizer)
     report = FormatReport()
@@ -148,15 +182,13 @@ def format_dataset(tokenizer: Any, clean_path: Path, out_path: Path, max_length:
     with out_path.open("w", encoding="utf-8") as out:
         for line_no, row in iter_jsonl(clean_path):
             report.n_rows += 1
-            sample = tokenize_conversation(tokenizer, row["messages"], max_length)
+            sample = tokenize_row(tokenizer, row, max_length)
             report.n_truncated += sample.truncated
             if sample.n_trainable == 0:
                 report.n_no_trainable_tokens += 1
                 report.rejected_lines.append(line_no)
                 continue
-            report.eos_unmasked_turns += sum(
-                tok == tokenizer.eos_token_id and tok != IGNORE_INDEX for tok in sample.labels
-            )
+            report.eos_unmasked_turns += sample.trained_eos(tokenizer.eos_token_id)
             lengths.append(len(sample.input_ids))
             trainable += sample.n_trainable
             out.write(json.dumps({"input_ids": sample.input_ids, "labels": sample.labels}) + "\n")

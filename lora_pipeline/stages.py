@@ -61,6 +61,7 @@ def validate_data(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         run_dir / "data",
         special_tokens=list(tokenizer.all_special_tokens),
         decontaminate_against=[p for p in held_out if p.is_file()],
+        tokenizer=tokenizer,
     )
     if not result.success:
         raise StageError("data validation failed:\n  " + "\n  ".join(result.failures)

@@ -44,6 +44,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer (BOS, EOS, pad != EOS, generation-marked template)."""
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_rows_path(tmp_path_factory) -> Path:
     """The chat rows as a messages-format JSONL file."""
     path = tmp_path_factory.mktemp("rows") / "train.jsonl"

@@ -36,9 +36,15 @@ DEFECTS: list[tuple[object, list[str]]] = [
     (chat("", "</s>"), ["empty_text", "special_token_in_text"]),
     ({"messages": [{"role": "user", "content": "q <pad>"}]}, ["bad_roles", "special_token_in_text"]),
     (chat("what  is the CAPITAL of france?", "Paris."), ["contaminated"]),  # case/space-insensitive match
+    (chat("long " * 300, "answer"), ["no_trainable_tokens"]),  # the prompt alone fills data.max_length
 ]
 EVAL_ROWS = [chat("What is the capital of France?", "Paris"), chat("2+2?", "4")]
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|user|>"]
+
+
+def bounds(**overrides) -> SuiteBounds:
+    return SuiteBounds(**{"min_rows": 5, "max_chars": 1000, "max_tokens": 128, "max_truncated_fraction": 0.1,
+                          **overrides})
 
 
 def cfg(**overrides) -> DataConfig:
@@ -46,13 +52,13 @@ def cfg(**overrides) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def defect_run(tmp_path_factory) -> tuple[ValidationResult, Path]:
+def defect_run(tmp_path_factory, chat_tokenizer) -> tuple[ValidationResult, Path]:
     root = tmp_path_factory.mktemp("defects")
     source = root / "train.jsonl"
     write_jsonl(source, GOOD[:2] + [""] + [row for row, _ in DEFECTS] + GOOD[2:])
     eval_path = write_jsonl(root / "eval.jsonl", EVAL_ROWS)
     result = validate_dataset(cfg(), source, root / "out", special_tokens=SPECIAL_TOKENS,
-                              decontaminate_against=[eval_path])
+                              decontaminate_against=[eval_path], tokenizer=chat_tokenizer)
     return result, source
 
 
@@ -97,6 +103,8 @@ def test_reason_counts_and_report(defect_run):
     assert report["length_stats"]["n_turns"]["max"] == 2
     assert report["gx"]["success"] is True and report["gx"]["failed_expectations"] == []
     assert report["decontamination"]["n_prompts"] == 2
+    assert report["token_stats"]["n_truncated"] == 0 and report["token_stats"]["trainable_tokens"] > 0
+    assert report["length_stats"]["tokens"]["max"] <= 128
 
 
 def test_success_hash_result_and_data_docs(defect_run):
@@ -192,7 +200,7 @@ def test_gx_suite_catches_rows_the_cleaning_rules_should_have_removed(tmp_path):
         profile.add(line, chat(f"q{line}", f"a{line}"), content_hash=line)
     profile.add(12, {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": ""}]},
                 content_hash=1)
-    outcome = run_suite(profile.to_frame(), SuiteBounds(min_rows=5, max_chars=1000), True, tmp_path)
+    outcome = run_suite(profile.to_frame(), bounds(max_chars=1000), True, tmp_path)
     assert not outcome.success
     failed = {failure.name: failure.lines for failure in outcome.failed}
     assert failed == {

@@ -37,12 +37,15 @@ class SuiteBounds:
 
     min_rows: int
     max_chars: int
+    max_tokens: int
+    max_truncated_fraction: float
     length_mostly: float = LENGTH_MOSTLY
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> SuiteBounds:
         """Row floor = ``min_rows``; character budget = ``max_length`` tokens x the chars-per-token ceiling."""
-        return cls(min_rows=cfg.min_rows, max_chars=cfg.max_length * CHARS_PER_TOKEN_CEILING)
+        return cls(min_rows=cfg.min_rows, max_chars=cfg.max_length * CHARS_PER_TOKEN_CEILING,
+                   max_tokens=cfg.max_length, max_truncated_fraction=cfg.max_truncated_fraction)
 
 
 @dataclass(frozen=True)
@@ -71,13 +74,14 @@ class GxOutcome:
                 "data_docs_dir": str(self.data_docs_dir) if self.data_docs_dir else None}
 
 
-def build_expectations(bounds: SuiteBounds, chat: bool) -> list[Any]:
-    """The expectations for the clean table (chat rows, or ``text`` rows when ``chat`` is False)."""
+def build_expectations(bounds: SuiteBounds, chat: bool, tokens: bool = False) -> list[Any]:
+    """The expectations for the clean table (chat rows, or ``text`` rows when ``chat`` is False), plus
+    those on the tokenized samples when the table has the token columns (``tokens``)."""
     import great_expectations.expectations as gxe
 
-    from lora_pipeline.data.profile import CHAT_COLUMNS, TEXT_COLUMNS
+    from lora_pipeline.data.profile import CHAT_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS
 
-    columns = CHAT_COLUMNS if chat else TEXT_COLUMNS
+    columns = (CHAT_COLUMNS if chat else TEXT_COLUMNS) + (TOKEN_COLUMNS if tokens else ())
     suite: list[Any] = [
         gxe.ExpectTableRowCountToBeBetween(min_value=bounds.min_rows),
         gxe.ExpectTableColumnsToMatchSet(column_set=list(columns), exact_match=True),
@@ -98,6 +102,18 @@ def build_expectations(bounds: SuiteBounds, chat: bool) -> list[Any]:
             # A prompt longer than the whole budget leaves no room for the answer after truncation.
             gxe.ExpectColumnValuesToBeBetween(column="prompt_chars", max_value=bounds.max_chars,
                                               mostly=bounds.length_mostly),
+        ]
+    if tokens:
+        suite += [
+            # Independent of the cleaning code's own check: every row trains on something.
+            gxe.ExpectColumnValuesToBeBetween(column="trainable_tokens", min_value=1),
+            # Token-length distribution: the typical sample fits the budget...
+            gxe.ExpectColumnMedianToBeBetween(column="tokens", min_value=1, max_value=bounds.max_tokens),
+            # ...and few are cut (a cut answer loses its EOS).
+            gxe.ExpectColumnMeanToBeBetween(column="truncated", min_value=0,
+                                            max_value=bounds.max_truncated_fraction),
+            # Every answer that fits the budget ends in an EOS whose label is kept.
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="trained_eos", column_B="answers_in_budget"),
         ]
     return suite
 
@@ -130,27 +146,31 @@ def _ephemeral_context(docs_dir: Path) -> Any:
 def _describe(result: Any) -> FailedExpectation:
     """A failed ExpectationValidationResult -> name, observation and offending source lines."""
     config = result.expectation_config
-    args = ", ".join(f"{key}={config.kwargs[key]}" for key in ("column", "value_set", "min_value", "max_value",
-                                                              "mostly") if config.kwargs.get(key) is not None)
+    args = ", ".join(f"{key}={config.kwargs[key]}" for key in ("column", "column_A", "column_B", "value_set",
+                                                              "min_value", "max_value", "mostly")
+                     if config.kwargs.get(key) is not None)
     details = result.to_json_dict().get("result") or {}
     if result.exception_info and result.exception_info.get("raised_exception"):
         observed = f"raised {result.exception_info.get('exception_message')}"
     elif "unexpected_count" in details:
         observed = f"{details['unexpected_count']} of {details.get('element_count')} rows unexpected"
     else:
-        observed = f"observed {details.get('observed_value')!r}"
+        value = details.get("observed_value")
+        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> plain number
+        observed = f"observed {value!r}"
     lines = [int(item[LINE_COLUMN]) for item in details.get("partial_unexpected_index_list") or []
              if isinstance(item, dict) and LINE_COLUMN in item]
     return FailedExpectation(f"{config.type}({args})", observed, lines)
 
 
-def run_suite(table: Any, bounds: SuiteBounds, chat: bool, out_dir: Path) -> GxOutcome:
+def run_suite(table: Any, bounds: SuiteBounds, chat: bool, out_dir: Path, tokens: bool = False) -> GxOutcome:
     """Validate ``table`` with a GX checkpoint; save the result JSON and build Data Docs in ``out_dir``.
 
     Args:
         table: The derived-column DataFrame (see :class:`lora_pipeline.data.profile.Profile`).
         bounds: Suite thresholds.
         chat: Chat rows (True) or ``text`` rows (False).
+        tokens: The table has the token columns of the tokenized samples (checked too).
         out_dir: Receives ``gx_validation_result.json`` and ``data_docs/``.
 
     Returns:
@@ -165,7 +185,7 @@ def run_suite(table: Any, bounds: SuiteBounds, chat: bool, out_dir: Path) -> GxO
     batch = context.data_sources.add_pandas("clean_data").add_dataframe_asset("clean_rows")
     batch_definition = batch.add_batch_definition_whole_dataframe("all_rows")
     suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME))
-    for expectation in build_expectations(bounds, chat):
+    for expectation in build_expectations(bounds, chat, tokens):
         suite.add_expectation(expectation)
     validation = context.validation_definitions.add(
         gx.ValidationDefinition(name="clean_rows_validation", data=batch_definition, suite=suite))

@@ -11,6 +11,7 @@ from array import array
 from typing import Any
 
 from lora_pipeline.data.cleaning import roles_alternate
+from lora_pipeline.formatting import TokenizedSample
 
 #: Role codes stored per row; decoded to strings (pandas categoricals) for GX and Data Docs.
 ROLE_NAMES = ("system", "user", "assistant", "other")
@@ -18,6 +19,11 @@ _ROLE_CODES = {name: code for code, name in enumerate(ROLE_NAMES)}
 CHAT_COLUMNS = ("line", "n_turns", "prompt_chars", "answer_chars", "total_chars", "min_turn_chars",
                 "first_role", "last_role", "roles_alternate", "content_hash")
 TEXT_COLUMNS = ("line", "total_chars", "content_hash")
+#: Added when the stage has a tokenizer: the templated, truncated training sample of each row.
+TOKEN_COLUMNS = ("tokens", "trainable_tokens", "truncated", "answers_in_budget", "trained_eos")
+#: Columns that are flags or identifiers, not lengths (left out of the length statistics).
+_NOT_LENGTHS = ("line", "content_hash", "first_role", "last_role", "roles_alternate", "truncated",
+                "answers_in_budget", "trained_eos")
 #: Percentiles reported for each length column in report.json.
 PERCENTILES = (50, 95)
 
@@ -29,18 +35,28 @@ def _role_code(role: str) -> int:
 class Profile:
     """Accumulates the derived columns of the clean rows, in the order they were written."""
 
-    def __init__(self, chat: bool) -> None:
+    def __init__(self, chat: bool, tokens: bool = False) -> None:
         self.chat = chat
-        self.columns = CHAT_COLUMNS if chat else TEXT_COLUMNS
-        typecodes = {"line": "q", "content_hash": "q", "first_role": "b", "last_role": "b", "roles_alternate": "b"}
+        self.tokens = tokens
+        self.columns = (CHAT_COLUMNS if chat else TEXT_COLUMNS) + (TOKEN_COLUMNS if tokens else ())
+        typecodes = {"line": "q", "content_hash": "q", "first_role": "b", "last_role": "b", "roles_alternate": "b",
+                     "truncated": "b"}
         self._data = {name: array(typecodes.get(name, "i")) for name in self.columns}
 
     def __len__(self) -> int:
         return len(self._data["line"])
 
-    def add(self, line: int, row: dict[str, Any], content_hash: int) -> None:
-        """Record one clean row (``line``: its source line/row number; ``content_hash``: its fingerprint)."""
+    def add(self, line: int, row: dict[str, Any], content_hash: int, sample: TokenizedSample | None = None,
+            eos_token_id: int | None = None) -> None:
+        """Record one clean row (``line``: its source line/row number; ``content_hash``: its fingerprint;
+        ``sample``: its training sample, required when the profile has token columns)."""
         values: dict[str, int] = {"line": line, "content_hash": content_hash}
+        if self.tokens:
+            if sample is None or eos_token_id is None:
+                raise ValueError("a profile with token columns needs each row's sample and the EOS id")
+            values.update(tokens=sample.full_length, trainable_tokens=sample.n_trainable,
+                          truncated=int(sample.truncated), answers_in_budget=sample.answers_in_budget,
+                          trained_eos=sample.trained_eos(eos_token_id))
         if not self.chat:
             values["total_chars"] = len(row["text"])
         else:
@@ -71,11 +87,23 @@ class Profile:
             values = np.frombuffer(self._data[name], dtype=self._data[name].typecode)
             if name in ("first_role", "last_role"):
                 frame[name] = pd.Categorical.from_codes(values.astype(np.int8), categories=list(ROLE_NAMES))
-            elif name == "roles_alternate":
+            elif name in ("roles_alternate", "truncated"):
                 frame[name] = values.astype(bool)
             else:
                 frame[name] = values.astype(np.int64)
         return pd.DataFrame(frame, columns=list(self.columns))
+
+    def token_summary(self) -> dict[str, float]:
+        """Truncation and trainable-token totals ({} without token columns or rows)."""
+        import numpy as np
+
+        if not self.tokens or not len(self):
+            return {}
+        truncated = int(np.frombuffer(self._data["truncated"], dtype="b").sum())
+        tokens = int(np.frombuffer(self._data["tokens"], dtype="i").sum())
+        trainable = int(np.frombuffer(self._data["trainable_tokens"], dtype="i").sum())
+        return {"n_truncated": truncated, "truncated_fraction": round(truncated / len(self), 6),
+                "templated_tokens": tokens, "trainable_tokens": trainable}
 
     def length_stats(self) -> dict[str, dict[str, float]]:
         """min / mean / percentiles / max of each length column (empty dict when there are no rows)."""
@@ -85,7 +113,7 @@ class Profile:
             return {}
         stats = {}
         for name in self.columns:
-            if name in ("line", "content_hash", "first_role", "last_role", "roles_alternate"):
+            if name in _NOT_LENGTHS:
                 continue
             values = np.frombuffer(self._data[name], dtype=self._data[name].typecode)
             stats[name] = {

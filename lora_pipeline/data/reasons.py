@@ -20,6 +20,8 @@ REASONS: dict[str, str] = {
     "forge turn boundaries or EOS once the chat template is applied.",
     "duplicate": "Exact duplicate of an earlier row after normalisation; the first occurrence is kept.",
     "contaminated": "The normalised prompt (the user turns) also appears in an evaluation or regression set.",
+    "no_trainable_tokens": "After the chat template and truncation to data.max_length, no answer token is left to "
+    "train on (the prompt fills the budget). Only checked on rows that pass every other rule.",
 }
 
 

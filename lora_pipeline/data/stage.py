@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_pipeline.config import DataConfig
 from lora_pipeline.data.cleaning import RowChecker, build_contamination_index, strict_rows
@@ -45,6 +46,7 @@ def validate_dataset(
     *,
     special_tokens: Sequence[str] = (),
     decontaminate_against: Sequence[Path] = (),
+    tokenizer: Any = None,
 ) -> ValidationResult:
     """Load, normalise, clean and validate a training set; quarantine rejected rows with reasons.
 
@@ -60,6 +62,10 @@ def validate_dataset(
         special_tokens: Tokenizer special tokens; rows whose text contains one are quarantined.
         decontaminate_against: Held-out sets (any supported format, detected per row); training rows
             whose normalised prompt appears in them are quarantined as ``contaminated``.
+        tokenizer: The training tokenizer (with its chat template). When given, every row is also
+            templated and truncated to ``max_length`` as training will do: rows with no trainable token
+            are quarantined (``no_trainable_tokens``), and the GX suite checks the samples too
+            (trainable tokens, token lengths, truncated fraction, an unmasked EOS after every answer).
 
     Returns:
         The :class:`ValidationResult`; ``success`` is False (with ``failures``) when the GX suite
@@ -74,9 +80,9 @@ def validate_dataset(
     contamination = build_contamination_index(decontaminate_against)
     checker = RowChecker(cfg.format, special_tokens, contamination.prompts)
     chat = cfg.format != "text"
-    tally = split_source(src, checker, out_dir, chat=chat)
+    tally = split_source(src, checker, out_dir, chat=chat, tokenizer=tokenizer, max_length=cfg.max_length)
     bounds = SuiteBounds.from_config(cfg)
-    gx = run_suite(tally.profile.to_frame(), bounds, chat, out_dir)
+    gx = run_suite(tally.profile.to_frame(), bounds, chat, out_dir, tokens=tokenizer is not None)
     failures = failure_messages(cfg, src, tally, gx)
     success = gx.success and not failures
     report = build_report(cfg, src, tally, gx, bounds, failures=failures, success=success,

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.data.cleaning import RowChecker
+from lora_pipeline.data.cleaning import RowChecker, Verdict
 from lora_pipeline.data.profile import Profile
 from lora_pipeline.data.sources import DataSource
+from lora_pipeline.formatting import tokenize_row
 
 CLEAN_FILENAME = "clean.jsonl"
 QUARANTINE_FILENAME = "quarantine.jsonl"
@@ -61,7 +62,8 @@ def _json_line(payload: Any) -> bytes:
     return (json.dumps(payload, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
 
 
-def split_source(src: DataSource, checker: RowChecker, out_dir: Path, *, chat: bool) -> Tally:
+def split_source(src: DataSource, checker: RowChecker, out_dir: Path, *, chat: bool,
+                 tokenizer: Any = None, max_length: int = 0) -> Tally:
     """Judge every row of ``src``; write clean rows and quarantined rows (with reasons) under ``out_dir``.
 
     Args:
@@ -69,6 +71,10 @@ def split_source(src: DataSource, checker: RowChecker, out_dir: Path, *, chat: b
         checker: The cleaning rules (holds duplicate/contamination state).
         out_dir: Receives ``clean.jsonl`` and ``quarantine.jsonl``.
         chat: Profile chat rows (True) or ``text`` rows (False).
+        tokenizer: When given, each row that passes the text rules is templated and truncated to
+            ``max_length`` as training will do: a row with no trainable token left is quarantined
+            (``no_trainable_tokens``) and the profile gets the token columns.
+        max_length: Token budget per sample (``data.max_length``).
 
     Returns:
         The tally; ``n_clean + n_quarantined == n_input`` by construction.
@@ -76,7 +82,7 @@ def split_source(src: DataSource, checker: RowChecker, out_dir: Path, *, chat: b
     Raises:
         DataError: the source cannot be read at all (per-row problems are quarantined instead).
     """
-    tally = Tally(profile=Profile(chat))
+    tally = Tally(profile=Profile(chat, tokens=tokenizer is not None))
     digest = hashlib.sha256()
     clean_tmp = out_dir / (CLEAN_FILENAME + ".partial")
     quarantine_tmp = out_dir / (QUARANTINE_FILENAME + ".partial")
@@ -85,12 +91,18 @@ def split_source(src: DataSource, checker: RowChecker, out_dir: Path, *, chat: b
             for source_row in src.rows():
                 tally.n_input += 1
                 verdict = checker.check(source_row)
+                sample = None
+                if verdict.clean and tokenizer is not None:
+                    sample = tokenize_row(tokenizer, verdict.row, max_length)  # type: ignore[arg-type]
+                    if not sample.n_trainable:
+                        verdict = Verdict(verdict.row, ["no_trainable_tokens"], verdict.content_hash)
                 if verdict.clean:
                     data = _json_line(verdict.row)
                     digest.update(data)
                     clean.write(data)
                     tally.n_clean += 1
-                    tally.profile.add(source_row.line, verdict.row, verdict.content_hash)  # type: ignore[arg-type]
+                    tally.profile.add(source_row.line, verdict.row, verdict.content_hash,  # type: ignore[arg-type]
+                                      sample, getattr(tokenizer, "eos_token_id", None))
                 else:
                     quarantine.write(_json_line(
                         {"line": source_row.line, "reasons": verdict.reasons, "record": source_row.record}))
