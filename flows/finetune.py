@@ -16,7 +16,7 @@ from tasks.data import format_prompts, validate_data
 from tasks.evaluate import evaluate
 from tasks.merge import merge
 from tasks.register import register
-from tasks.tracking import close_tracking_run, log_results, open_tracking_run
+from tasks.tracking import close_tracking_run, log_data_report, log_results, open_tracking_run
 from tasks.train import train_qlora
 
 
@@ -27,7 +27,8 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
     Steps:
         1. resolve_assets  - locate the base model and data (build the offline demo world if asked)
         2. open_tracking_run - one MLflow run for the whole pipeline run, config logged as params
-        3. validate_data   - clean + quarantine rows, Great Expectations suite; stops the run on failure
+        3. validate_data   - clean + quarantine rows, token checks, Great Expectations suite (report and
+                             Data Docs logged to MLflow); stops the run on failure
         4. format_prompts  - chat template, assistant-only labels, EOS-unmasked proof
         5. train_qlora     - 4-bit base + LoRA adapter with TRL's SFTTrainer
         6. evaluate        - the same evaluation on the base model and on the candidate
@@ -58,8 +59,11 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
         summary.results["mlflow_run_id"] = tracking_info["run_id"]
         summary.results["mlflow_tracking_uri"] = mask_secrets(tracking_info["tracking_uri"])
         with summary.stage("validate_data"):
-            data = validate_data(cfg, str(run_dir))
-            summary.results["data"] = data
+            try:
+                data = validate_data(cfg, str(run_dir))
+                summary.results["data"] = data
+            finally:  # a failed validation is exactly when its report is needed in MLflow
+                log_data_report(tracking_info, str(run_dir / "data"))
         with summary.stage("format_prompts"):
             formatted = format_prompts(cfg, data["clean_path"], str(run_dir))
         with summary.stage("train_qlora"):

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole fine-tuning flow")
     _add_config_args(run)
     run.add_argument("--summary-json", type=Path, default=None, help="write the run summary JSON here")
+    check = commands.add_parser(
+        "validate-data", help="run the data stage alone: clean.jsonl, quarantine.jsonl, report.json, Data Docs")
+    _add_config_args(check)
+    check.add_argument("--out", type=Path, required=True, help="output directory (created)")
     show = commands.add_parser("show-config", help="print the validated config as YAML")
     _add_config_args(show)
     return parser
@@ -94,6 +98,37 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return 0
 
 
+def _validate_data(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    """Exit 0 when the data passes every rule and the GX suite, 1 when it fails, 2 when it cannot be read."""
+    problems = missing_inputs(cfg)
+    if problems:
+        print("error: " + "\n       ".join(problems), file=sys.stderr)
+        return 2
+    from lora_pipeline import stages
+    from lora_pipeline.data import DataError
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lora_pipeline").setLevel(logging.INFO)  # demo-world build and data-stage progress
+    try:
+        result = stages.check_data(stages.resolve_assets(cfg), args.out)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({
+        "success": result.success,
+        "n_input": result.n_input,
+        "n_clean": result.n_clean,
+        "n_quarantined": result.n_quarantined,
+        "reason_counts": result.reason_counts,
+        "failures": result.failures,
+        "clean": str(result.clean_path),
+        "quarantine": str(result.quarantine_path),
+        "report": str(result.report_path),
+        "data_docs": str(result.data_docs_dir / "index.html") if result.data_docs_dir else None,
+    }, indent=2))
+    return 0 if result.success else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lora-pipeline`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -107,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    if args.command == "validate-data":
+        return _validate_data(args, cfg)
     return _run(args, cfg)
 
 

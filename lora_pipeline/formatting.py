@@ -69,9 +69,10 @@ def check_tokenizer(tokenizer: Any) -> None:
     if tokenizer.eos_token_id is None:
         raise FormatError("tokenizer has no EOS token: generations could never stop")
     if tokenizer.pad_token_id is None:
-        # Padding with EOS is the classic way to never learn EOS; we precompute labels so it would be
-        # safe, but a missing pad is still a setup error worth fixing explicitly.
-        raise FormatError("tokenizer has no pad token: add one distinct from EOS")
+        # modeling.load_tokenizer fills a missing pad in (UNK, else EOS: safe, labels are precomputed);
+        # a tokenizer that reaches here without one was loaded some other way.
+        raise FormatError("tokenizer has no pad token: load it with lora_pipeline.modeling.load_tokenizer "
+                          "or set one (a distinct token is preferable to EOS)")
 
 
 def prompt_turns(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from lora_pipeline.chat_templates import apply_named_template
 from lora_pipeline.config import ModelConfig, QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -62,16 +63,44 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype) -> BitsA
 def load_tokenizer(model_cfg: ModelConfig, source: str | Path | None = None) -> Any:
     """Tokenizer of the base model (or of ``source``, e.g. a merged model dir), padded on the left.
 
-    Left padding lets batched generation continue every prompt from its last real token; training
-    pads through the collator and is unaffected.
+    For the base model, ``model.chat_template`` (unless "tokenizer") replaces the tokenizer's own
+    template; a ``source`` dir keeps the template it was saved with, which is that same one. A missing
+    pad token is filled in by :func:`ensure_pad_token`. Left padding lets batched generation continue
+    every prompt from its last real token; training pads through the collator and is unaffected.
     """
     tokenizer = AutoTokenizer.from_pretrained(
         str(source or model_cfg.name_or_path),
         revision=None if source else model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
     )
+    if source is None and model_cfg.chat_template != "tokenizer":
+        apply_named_template(tokenizer, model_cfg.chat_template)
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token one of its existing tokens; never add a token.
+
+    Adding a token would resize the embeddings of a 4-bit base. UNK is preferred (byte-level and
+    byte-fallback vocabularies rarely, if ever, produce it from real text); otherwise EOS. Padding with
+    EOS is the classic way to never learn to stop when a collator masks labels *by pad id*; here labels
+    are precomputed by the formatter and the collator pads them with -100 *by position*, so every real
+    EOS stays trained.
+    """
+    if tokenizer.pad_token is not None or tokenizer.eos_token is None:
+        return  # no EOS: formatting.check_tokenizer refuses the tokenizer with a clear message
+    if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+        tokenizer.pad_token = tokenizer.unk_token
+        logger.info("tokenizer has no pad token: padding with its unk token %r", tokenizer.unk_token)
+        return
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.warning(
+        "tokenizer has no pad token: padding with EOS %r. Safe here because labels are precomputed and padded "
+        "with -100 by position, so EOS stays trained; a distinct pad token is still preferable.",
+        tokenizer.eos_token,
+    )
 
 
 def load_base_model(

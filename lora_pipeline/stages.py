@@ -11,8 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.chat_templates import turn_markers
 from lora_pipeline.config import BUILTIN_DEMO, PipelineConfig
-from lora_pipeline.data import read_messages, validate_dataset
+from lora_pipeline.data import ValidationResult, read_messages, validate_dataset
 from lora_pipeline.demo_world import ensure_demo_world
 from lora_pipeline.evaluation import EvalSuites, evaluate_model, write_metrics
 from lora_pipeline.formatting import format_dataset
@@ -51,18 +52,27 @@ def resolve_assets(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"model": model, "data": data, "eval": evaluation})
 
 
-def validate_data(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
-    """Clean, quarantine and GX-validate the training rows; stop the run if the suite fails."""
+def check_data(cfg: PipelineConfig, out_dir: Path) -> ValidationResult:
+    """Clean, quarantine and GX-validate the training rows into ``out_dir`` (never raises on bad rows).
+
+    The training tokenizer (with its chat template) templates and truncates every row as training will,
+    and held-out eval/regression files are used to decontaminate the training set.
+    """
     tokenizer = load_tokenizer(cfg.model)
     held_out = [Path(p) for p in (cfg.data.eval_path, cfg.eval.regression_qa_path) if p]
-    result = validate_dataset(
+    return validate_dataset(
         cfg.data,
         cfg.data.path,
-        run_dir / "data",
-        special_tokens=list(tokenizer.all_special_tokens),
+        out_dir,
+        special_tokens=[*tokenizer.all_special_tokens, *turn_markers(cfg.model.chat_template)],
         decontaminate_against=[p for p in held_out if p.is_file()],
         tokenizer=tokenizer,
     )
+
+
+def validate_data(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
+    """The flow's data stage: :func:`check_data` under ``run_dir/data``; stops the run if it fails."""
+    result = check_data(cfg, run_dir / "data")
     if not result.success:
         raise StageError("data validation failed:\n  " + "\n  ".join(result.failures)
                          + f"\nreport: {result.report_path}\nquarantine: {result.quarantine_path}")
@@ -75,6 +85,24 @@ def validate_data(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         "reason_counts": result.reason_counts,
         "report_path": str(result.report_path),
     }
+
+
+#: What of the data stage's output goes to MLflow: the evidence, not the (possibly large) clean rows.
+DATA_ARTIFACTS = ("report.json", "gx_validation_result.json", "quarantine.jsonl", "data_docs")
+
+
+def log_data_artifacts(tracking_info: dict[str, str], data_dir: Path) -> list[str]:
+    """Log the data report, GX result, quarantine and Data Docs (those that exist) under ``data/``."""
+    from lora_pipeline import tracking
+
+    logged = []
+    for name in DATA_ARTIFACTS:
+        path = data_dir / name
+        if path.exists():
+            artifact_path = "data/" + name if path.is_dir() else "data"
+            tracking.log_artifacts(tracking_info["tracking_uri"], tracking_info["run_id"], path, artifact_path)
+            logged.append(name)
+    return logged
 
 
 def format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict[str, Any]:

@@ -26,6 +26,12 @@ def log_results(tracking_info: dict[str, str], metrics: dict[str, float], tags: 
         tracking.log_artifacts(uri, run_id, Path(artifacts_dir))
 
 
+@task(name="log_data_report", retries=3, retry_delay_seconds=[2, 5, 15])
+def log_data_report(tracking_info: dict[str, str], data_dir: str) -> list[str]:
+    """Log the data stage's report, GX result, quarantine and Data Docs to the MLflow run."""
+    return stages.log_data_artifacts(tracking_info, Path(data_dir))
+
+
 @task(name="close_tracking_run", retries=3, retry_delay_seconds=[2, 5, 15])
 def close_tracking_run(tracking_info: dict[str, str], status: str) -> None:
     """Mark the MLflow run FINISHED or FAILED."""

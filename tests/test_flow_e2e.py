@@ -92,3 +92,11 @@ def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_p
     assert summary["status"] == "failed"
     assert [(s["name"], s["status"]) for s in summary["stages"]][-1] == ("validate_data", "failed")
     assert "train" not in summary and "bad.jsonl" in summary["error"]
+    # The evidence reaches MLflow even though the run stopped: report, GX result, quarantine, Data Docs.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    logged = {artifact.path for artifact in client.list_artifacts(summary["mlflow_run_id"], "data")}
+    assert {"data/report.json", "data/gx_validation_result.json", "data/quarantine.jsonl",
+            "data/data_docs"} <= logged
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
