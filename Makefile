@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean bench-data
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Speed and memory measurements (not part of the tests): see benchmarks/README.md.
+bench-data: setup
+	$(BIN)/python -m benchmarks.data_stage --out outputs/benchmarks
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -52,6 +52,7 @@ class FormatReport:
     max_tokens: int = 0
     trainable_token_fraction: float = 0.0
     eos_unmasked_turns: int = 0
+    pad_is_eos: bool = False  # safe (labels are padded with -100 by position) but worth knowing
     rejected_lines: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +177,7 @@ def format_dataset(tokenizer: Any, clean_path: Path, out_path: Path, max_length:
     safety net for a clean file produced elsewhere.)
     """
     check_tokenizer(tokenizer)
-    report = FormatReport()
+    report = FormatReport(pad_is_eos=tokenizer.pad_token_id == tokenizer.eos_token_id)
     lengths: list[int] = []
     trainable = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)

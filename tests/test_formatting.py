@@ -50,6 +50,14 @@ def test_eos_stays_trained_when_pad_equals_eos(tokenizer):
     assert sample.input_ids[-1] == tokenizer.eos_token_id
 
 
+def test_format_report_flags_pad_equal_to_eos_and_still_trains_every_eos(tokenizer, tiny_rows_path, tmp_path):
+    tokenizer.pad_token = tokenizer.eos_token
+    out = tmp_path / "tokenized.jsonl"
+    report = format_dataset(tokenizer, tiny_rows_path, out, max_length=512)
+    assert report.pad_is_eos is True and report.eos_unmasked_turns == report.n_written == 64
+    assert all(json.loads(line)["labels"][-1] == tokenizer.eos_token_id for line in out.read_text().splitlines())
+
+
 def test_truncation_is_counted(tokenizer):
     full = tokenize_conversation(tokenizer, CONVERSATION, max_length=512)
     cut = tokenize_conversation(tokenizer, CONVERSATION, max_length=len(full.input_ids) - 3)
@@ -89,7 +97,7 @@ def test_format_dataset_writes_samples_and_counts(tokenizer, tiny_rows_path, tmp
     report = format_dataset(tokenizer, tiny_rows_path, out, max_length=512)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert report.n_rows == report.n_written == len(rows) == 64
-    assert report.eos_unmasked_turns == 64
+    assert report.eos_unmasked_turns == 64 and report.pad_is_eos is False
     assert all(r["labels"][-1] == tokenizer.eos_token_id for r in rows)
     assert 0 < report.trainable_token_fraction < 1
 

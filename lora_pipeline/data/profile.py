@@ -90,7 +90,7 @@ class Profile:
             elif name in ("roles_alternate", "truncated"):
                 frame[name] = values.astype(bool)
             else:
-                frame[name] = values.astype(np.int64)
+                frame[name] = values.copy()  # native int32/int64: no need to widen a million-row table
         return pd.DataFrame(frame, columns=list(self.columns))
 
     def token_summary(self) -> dict[str, float]:
