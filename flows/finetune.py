@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from prefect import flow, get_run_logger, runtime
@@ -66,8 +65,9 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
                 log_data_report(tracking_info, str(run_dir / "data"))
         with summary.stage("format_prompts"):
             formatted = format_prompts(cfg, data["clean_path"], str(run_dir))
+        run_key = cfg.run_key(data["data_hash"])
         with summary.stage("train_qlora"):
-            trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), tracking_info)
+            trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), run_key, tracking_info)
             summary.results["train"] = trained["metrics"]
         with summary.stage("evaluate"):
             base_metrics = evaluate(cfg, str(run_dir), "base")
@@ -81,7 +81,6 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
         with summary.stage("merge"):
             merged = merge(cfg, trained["adapter_dir"], str(run_dir))
             summary.results["merge"] = merged
-        run_key = hashlib.sha256(f"{cfg.config_hash()}:{data['data_hash']}".encode()).hexdigest()[:16]
         lineage = {
             "run_key": run_key, "config_hash": cfg.config_hash(), "data_hash": data["data_hash"],
             "base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision or "",

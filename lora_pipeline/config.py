@@ -106,6 +106,9 @@ class TrainConfig(_Strict):
     num_processes: int = Field(1, ge=1, description="Data-parallel processes (accelerate).")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(
+        2, ge=2, description="Checkpoints kept per run key (at least 2, so a corrupt newest one has a fallback); "
+        "null keeps all.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
 
@@ -168,6 +171,10 @@ class PipelineConfig(_Strict):
         """Stable hash of every setting (part of the run key for resume and idempotent registration)."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def run_key(self, data_hash: str) -> str:
+        """Key of one training job: config + data. Checkpoints resume, and registration deduplicates, by it."""
+        return hashlib.sha256(f"{self.config_hash()}:{data_hash}".encode()).hexdigest()[:16]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

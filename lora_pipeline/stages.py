@@ -152,9 +152,14 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path |
     return metrics
 
 
-def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, metrics_sink: Any = None) -> dict[str, Any]:
-    """QLoRA-train the adapter; returns its directory and the training metrics."""
-    result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=metrics_sink)
+def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str, metrics_sink: Any = None) -> dict[str, Any]:
+    """QLoRA-train the adapter; returns its directory and the training metrics.
+
+    Checkpoints live in ``output_dir/checkpoints/<run_key>``: a Prefect retry, or a new run of the same
+    config on the same data, resumes from the last intact one; any change of either starts afresh.
+    """
+    result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=metrics_sink,
+                         checkpoint_dir=cfg.output_dir / "checkpoints" / run_key)
     return {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
 
 

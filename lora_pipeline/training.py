@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,15 +15,17 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from lora_pipeline.checkpoints import ManifestCallback, latest_valid_checkpoint
 from lora_pipeline.config import PipelineConfig
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer, select_compute_dtype
 
 logger = logging.getLogger(__name__)
 
 MetricsSink = Callable[[Mapping[str, float], int], None]
+#: What PEFT writes for an adapter (in the adapter dir and in every checkpoint).
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ def build_sft_config(cfg: PipelineConfig, checkpoint_dir: Path, compute_dtype: t
         data_seed=train.seed,
         save_strategy="steps",
         save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
         logging_steps=train.logging_steps,
         gradient_checkpointing=train.gradient_checkpointing,
         bf16=compute_dtype == torch.bfloat16,
@@ -111,22 +116,40 @@ def _restore_adapter_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+def _tokens_seen_at(checkpoint: Path | None) -> float:
+    """``num_input_tokens_seen`` recorded in a checkpoint's trainer state (0 without a checkpoint)."""
+    if checkpoint is None:
+        return 0.0
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return float(state.get("num_input_tokens_seen") or 0)
+
+
 def train_qlora(
     cfg: PipelineConfig,
     tokenized_path: Path,
     run_dir: Path,
     metrics_sink: MetricsSink | None = None,
+    checkpoint_dir: Path | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Train a LoRA adapter on the (quantised) base and save it under ``run_dir/adapter``.
+
+    Resumes from the newest intact checkpoint in ``checkpoint_dir`` (optimizer, scheduler, RNG and
+    data position included); incomplete or corrupt newer ones are moved aside, never used.
 
     Args:
         cfg: resolved pipeline config (``model.name_or_path`` points at real weights).
         tokenized_path: JSONL of ``input_ids``/``labels`` from the format stage.
-        run_dir: this run's directory; checkpoints go to ``run_dir/checkpoints``.
+        run_dir: this run's directory (the adapter and the datasets cache go here).
         metrics_sink: called with each log dict and step (e.g. MLflow logging).
+        checkpoint_dir: where checkpoints live; key it by config + data (the run key) so a retry or a
+            re-run of the same training resumes and a changed one never does. Default
+            ``run_dir/checkpoints``.
+        callbacks: extra Trainer callbacks.
 
     Returns:
-        The adapter directory and final metrics (loss, steps, seconds, tokens/s, parameter counts).
+        The adapter directory and final metrics (loss, steps, seconds, tokens/s of this session,
+        parameter counts, the step resumed from).
     """
     set_seed(cfg.train.seed)
     device = detect_device()
@@ -134,7 +157,7 @@ def train_qlora(
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model, cfg.quant, device)
     dataset = Dataset.from_json(str(tokenized_path), cache_dir=str(run_dir / "hf_cache"))
-    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
     callback = _MetricsCallback(metrics_sink)
     trainer = SFTTrainer(
         model=model,
@@ -142,28 +165,44 @@ def train_qlora(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg),
-        callbacks=[callback],
+        callbacks=[callback, ManifestCallback(), *callbacks],
     )
     _restore_adapter_dtype(trainer.model, compute_dtype)
     trainable, total = count_parameters(trainer.model)
-    resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    resume = latest_valid_checkpoint(checkpoint_dir)
+    resumed_from = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     if resume:
-        logger.info("resuming from %s", resume)
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - started
+        logger.info("resuming from %s (step %d of %d)", resume, resumed_from, cfg.train.max_steps)
     adapter_dir = run_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    tokens = float(trainer.state.num_input_tokens_seen or 0)
-    losses = [h["loss"] for h in callback.history if "loss" in h]
+    if resume is not None and resumed_from >= cfg.train.max_steps:
+        # This run key already finished training (a re-run of the same config on the same data):
+        # its final checkpoint *is* the adapter. (Trainer.train would run one extra step here.)
+        logger.info("training already finished at step %d for this config and data: reusing %s", resumed_from, resume)
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            shutil.copy2(resume / name, adapter_dir / name)
+        tokenizer.save_pretrained(str(adapter_dir))
+        history = json.loads((resume / "trainer_state.json").read_text())["log_history"]
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        train_loss, seconds, tokens, global_step = (sum(losses) / len(losses) if losses else 0.0), 0.0, 0.0, resumed_from
+    else:
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.perf_counter() - started
+        trainer.save_model(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        # The restored state already counts the resumed-from steps' tokens: rate this session's only.
+        tokens = float(trainer.state.num_input_tokens_seen or 0) - _tokens_seen_at(resume)
+        losses = [h["loss"] for h in callback.history if "loss" in h]
+        train_loss, global_step = float(output.training_loss), trainer.state.global_step
     metrics = {
-        "train_loss": float(output.training_loss),
-        "final_loss": losses[-1] if losses else float(output.training_loss),
-        "global_step": float(trainer.state.global_step),
+        "train_loss": float(train_loss),
+        "final_loss": float(losses[-1]) if losses else float(train_loss),
+        "global_step": float(global_step),
         "train_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
         "trainable_params": float(trainable),
         "trainable_ratio": round(trainable / total, 6) if total else 0.0,
+        "resumed_from_step": float(resumed_from),
     }
     return TrainResult(adapter_dir=adapter_dir, metrics=metrics)

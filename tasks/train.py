@@ -10,12 +10,13 @@ from lora_pipeline import stages, tracking
 from lora_pipeline.config import PipelineConfig
 
 
-# One retry: training resumes from the run's last checkpoint instead of starting over.
+# One retry: training resumes from the run key's last intact checkpoint instead of starting over.
 @task(name="train_qlora", retries=1, retry_delay_seconds=10)
-def train_qlora(cfg: PipelineConfig, tokenized_path: str, run_dir: str, tracking_info: dict[str, str]) -> dict[str, Any]:
+def train_qlora(cfg: PipelineConfig, tokenized_path: str, run_dir: str, run_key: str,
+                tracking_info: dict[str, str]) -> dict[str, Any]:
     """Train the LoRA adapter; returns the adapter directory and training metrics."""
     sink = partial(_log_step_metrics, tracking_info["tracking_uri"], tracking_info["run_id"])
-    return stages.train(cfg, Path(tokenized_path), Path(run_dir), metrics_sink=sink)
+    return stages.train(cfg, Path(tokenized_path), Path(run_dir), run_key, metrics_sink=sink)
 
 
 def _log_step_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

@@ -1,0 +1,102 @@
+"""Checkpoints that survive crashes: a checkpoint counts only once it is complete and intact.
+
+The Trainer writes ``checkpoint-N/`` file by file, so a crash (SIGKILL, node loss) mid-save leaves a
+directory that looks like a checkpoint but is not. After the Trainer has finished writing one, rank 0
+adds a manifest (every file with its size and SHA-256), written to a temporary name and renamed, so the
+manifest exists only for a finished save. On start, the newest checkpoint whose manifest matches its
+files is resumed from; newer ones that are incomplete or corrupt are moved aside (never deleted) with
+the reason in their new name, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "pipeline-checkpoint-manifest.json"
+SET_ASIDE_DIRNAME = "set-aside"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_HASH_CHUNK = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(checkpoint_dir: Path) -> Path:
+    """Record every file of a finished checkpoint (size + SHA-256); atomic: temp file, then rename."""
+    files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    manifest = {str(p.relative_to(checkpoint_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    target = checkpoint_dir / MANIFEST_NAME
+    tmp = checkpoint_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps({"files": manifest}, indent=1))
+    os.replace(tmp, target)
+    return target
+
+
+def checkpoint_problem(checkpoint_dir: Path) -> str | None:
+    """Why ``checkpoint_dir`` cannot be resumed from (None when it is complete and intact)."""
+    manifest_path = checkpoint_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return "incomplete"  # the save never finished: no manifest
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError):
+        return "corrupt-manifest"
+    for name, expected in files.items():
+        path = checkpoint_dir / name
+        if not path.is_file():
+            return "missing-file"
+        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+            return "corrupt-file"
+    return None
+
+
+def _step(path: Path) -> int:
+    match = _CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def latest_valid_checkpoint(checkpoint_root: Path) -> Path | None:
+    """The newest intact checkpoint under ``checkpoint_root``; newer broken ones are moved aside.
+
+    Args:
+        checkpoint_root: The Trainer's ``output_dir`` for this run key (``checkpoint-N`` folders).
+
+    Returns:
+        The checkpoint to resume from, or None (start from scratch).
+    """
+    if not checkpoint_root.is_dir():
+        return None
+    candidates = sorted((p for p in checkpoint_root.iterdir() if p.is_dir() and _step(p) >= 0), key=_step, reverse=True)
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        aside = checkpoint_root / SET_ASIDE_DIRNAME / f"{candidate.name}-{problem}-{time.strftime('%Y%m%dT%H%M%S')}"
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(candidate, aside)
+        logger.warning("checkpoint %s is %s: moved to %s; resuming from an earlier one", candidate.name, problem, aside)
+    return None
+
+
+class ManifestCallback(TrainerCallback):
+    """After each checkpoint save, rank 0 writes its manifest (making it resumable)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
