@@ -152,14 +152,26 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path |
     return metrics
 
 
-def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str, metrics_sink: Any = None) -> dict[str, Any]:
+def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str,
+          tracking_info: dict[str, str] | None = None) -> dict[str, Any]:
     """QLoRA-train the adapter; returns its directory and the training metrics.
 
     Checkpoints live in ``output_dir/checkpoints/<run_key>``: a Prefect retry, or a new run of the same
     config on the same data, resumes from the last intact one; any change of either starts afresh.
+    ``train.num_processes > 1`` launches the ranks with torchrun (see :mod:`lora_pipeline.distributed`);
+    per-step metrics go to the MLflow run in ``tracking_info`` (from rank 0 only).
     """
-    result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=metrics_sink,
-                         checkpoint_dir=cfg.output_dir / "checkpoints" / run_key)
+    from functools import partial
+
+    from lora_pipeline import tracking
+    from lora_pipeline.distributed import launch_training
+
+    checkpoint_dir = cfg.output_dir / "checkpoints" / run_key
+    if cfg.train.num_processes > 1:
+        return launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, tracking_info)
+    sink = partial(tracking.log_step_metrics, tracking_info["tracking_uri"], tracking_info["run_id"]) \
+        if tracking_info else None
+    result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=sink, checkpoint_dir=checkpoint_dir)
     return {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
 
 

@@ -254,6 +254,11 @@ def log_metrics(
     _log_batched(tracking_uri, run_id, "metrics", items, MAX_METRICS_PER_BATCH)
 
 
+def log_step_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """A training metrics sink: each log dict under ``train/`` at its optimizer step."""
+    log_metrics(tracking_uri, run_id, {f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+
 def log_artifacts(
     tracking_uri: str, run_id: str, local_dir_or_file: Path, artifact_path: str | None = None
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
+from safetensors.torch import load_file
 from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -34,6 +36,16 @@ class TrainResult:
 
     adapter_dir: Path
     metrics: dict[str, float]
+    adapter_checksum: str = ""  # SHA-256 of this process's adapter weights (ranks must agree)
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors in name order (float32 bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def build_lora_config(cfg: PipelineConfig) -> PeftLoraConfig:
@@ -79,6 +91,8 @@ def build_sft_config(cfg: PipelineConfig, checkpoint_dir: Path, compute_dtype: t
         report_to=[],  # tracking goes through our own sink, to the pipeline's single MLflow run
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        # Every LoRA parameter takes part in every forward pass: skip DDP's unused-parameter search.
+        ddp_find_unused_parameters=False,
         remove_unused_columns=True,
     )
 
@@ -178,10 +192,12 @@ def train_qlora(
         # This run key already finished training (a re-run of the same config on the same data):
         # its final checkpoint *is* the adapter. (Trainer.train would run one extra step here.)
         logger.info("training already finished at step %d for this config and data: reusing %s", resumed_from, resume)
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        for name in ADAPTER_FILES:
-            shutil.copy2(resume / name, adapter_dir / name)
-        tokenizer.save_pretrained(str(adapter_dir))
+        if trainer.is_world_process_zero():
+            adapter_dir.mkdir(parents=True, exist_ok=True)
+            for name in ADAPTER_FILES:
+                shutil.copy2(resume / name, adapter_dir / name)
+            tokenizer.save_pretrained(str(adapter_dir))
+        checksum = tensors_checksum(load_file(str(resume / ADAPTER_FILES[0])))
         history = json.loads((resume / "trainer_state.json").read_text())["log_history"]
         losses = [entry["loss"] for entry in history if "loss" in entry]
         train_loss, seconds, tokens, global_step = (sum(losses) / len(losses) if losses else 0.0), 0.0, 0.0, resumed_from
@@ -189,8 +205,10 @@ def train_qlora(
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - started
-        trainer.save_model(str(adapter_dir))
-        tokenizer.save_pretrained(str(adapter_dir))
+        trainer.save_model(str(adapter_dir))  # rank 0 only (Trainer.should_save)
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(adapter_dir))
+        checksum = tensors_checksum({n: p for n, p in trainer.model.named_parameters() if p.requires_grad})
         # The restored state already counts the resumed-from steps' tokens: rate this session's only.
         tokens = float(trainer.state.num_input_tokens_seen or 0) - _tokens_seen_at(resume)
         losses = [h["loss"] for h in callback.history if "loss" in h]
@@ -205,4 +223,4 @@ def train_qlora(
         "trainable_ratio": round(trainable / total, 6) if total else 0.0,
         "resumed_from_step": float(resumed_from),
     }
-    return TrainResult(adapter_dir=adapter_dir, metrics=metrics)
+    return TrainResult(adapter_dir=adapter_dir, metrics=metrics, adapter_checksum=checksum)

@@ -1,0 +1,53 @@
+"""Two-process training on CPU (torchrun, gloo): the multi-GPU code path, tested without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from lora_pipeline import stages, tracking
+from lora_pipeline.config import load_config
+from lora_pipeline.formatting import format_dataset
+from lora_pipeline.modeling import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model_dir, tiny_rows_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"output_dir={root}", "train.num_processes=2",
+        "train.max_steps=6", "train.warmup_steps=1", "train.save_steps=3", "train.logging_steps=1",
+        "train.per_device_batch_size=4", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1",
+    ])
+    run_dir = root / "runs" / "r1"
+    tokenized = run_dir / "tokenized.jsonl"
+    format_dataset(load_tokenizer(cfg.model), tiny_rows_path, tokenized, cfg.data.max_length)
+    uri = tracking.resolve_tracking_uri(cfg.mlflow, cfg.output_dir)
+    run_id = tracking.start_pipeline_run(uri, "ddp-test", root / "mlartifacts", run_name="r1", tags={})
+    info = {"tracking_uri": uri, "run_id": run_id}
+    result = stages.train(cfg, tokenized, run_dir, "key1", info)
+    return cfg, root, run_dir, result, info
+
+
+def test_both_ranks_end_with_identical_adapters(two_process_run):
+    _, _, run_dir, result, _ = two_process_run
+    metrics = result["metrics"]
+    assert metrics["world_size"] == 2 and metrics["rank_checksums_agree"] == 1.0
+    checksums = json.loads((run_dir / "train-result.json").read_text())["rank_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert metrics["global_step"] == 6
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_one_checkpoint_set_and_one_mlflow_run(two_process_run):
+    _, root, _, _, info = two_process_run
+    checkpoints = root / "checkpoints" / "key1"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6"]
+    client = MlflowClient(info["tracking_uri"])
+    experiment = client.get_experiment_by_name("ddp-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [run.info.run_id for run in runs] == [info["run_id"]]
+    losses = client.get_metric_history(info["run_id"], "train/loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]  # each step logged once: by rank 0 only
