@@ -68,6 +68,10 @@ class LoraConfig(_Strict):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or all-linear."
     )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): magnitude + direction.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens]).")
 
     @model_validator(mode="after")
     def _non_empty_targets(self) -> LoraConfig:
@@ -111,6 +115,8 @@ class TrainConfig(_Strict):
         "null keeps all.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    packing: bool = Field(False, description="Pack several samples per sequence (TRL best-fit, no cross-attention "
+                          "between them): fewer pad tokens on variable-length data.")
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> TrainConfig:

@@ -19,7 +19,7 @@ from lora_pipeline.evaluation import EvalSuites, evaluate_model, write_metrics
 from lora_pipeline.formatting import format_dataset
 from lora_pipeline.merge import merge_adapter
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
-from lora_pipeline.training import train_qlora
+from lora_pipeline.training import LOSS_CURVE_FILENAME, train_qlora
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +168,16 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
 
     checkpoint_dir = cfg.output_dir / "checkpoints" / run_key
     if cfg.train.num_processes > 1:
-        return launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, tracking_info)
-    sink = partial(tracking.log_step_metrics, tracking_info["tracking_uri"], tracking_info["run_id"]) \
-        if tracking_info else None
-    result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=sink, checkpoint_dir=checkpoint_dir)
-    return {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
+        trained = launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, tracking_info)
+    else:
+        sink = partial(tracking.log_step_metrics, tracking_info["tracking_uri"], tracking_info["run_id"]) \
+            if tracking_info else None
+        result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=sink, checkpoint_dir=checkpoint_dir)
+        trained = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
+    curve = run_dir / "train" / LOSS_CURVE_FILENAME
+    if tracking_info and curve.is_file():
+        tracking.log_artifacts(tracking_info["tracking_uri"], tracking_info["run_id"], curve, "train")
+    return trained
 
 
 def merge(cfg: PipelineConfig, adapter_dir: Path, run_dir: Path) -> dict[str, Any]:

@@ -56,6 +56,9 @@ def build_lora_config(cfg: PipelineConfig) -> PeftLoraConfig:
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
+        use_rslora=cfg.lora.use_rslora,
+        use_dora=cfg.lora.use_dora,
+        modules_to_save=cfg.lora.modules_to_save,
         bias="none",
     )
 
@@ -88,6 +91,7 @@ def build_sft_config(cfg: PipelineConfig, checkpoint_dir: Path, compute_dtype: t
         fp16=compute_dtype == torch.float16,
         use_cpu=device.type == "cpu",
         max_length=cfg.data.max_length,
+        packing=train.packing,
         report_to=[],  # tracking goes through our own sink, to the pipeline's single MLflow run
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -103,13 +107,27 @@ class _MetricsCallback(TrainerCallback):
     def __init__(self, sink: MetricsSink | None) -> None:
         self.sink = sink
         self.history: list[dict[str, float]] = []
+        self._started: tuple[float, int] | None = None  # (time, step) when this session began
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._started is None:  # first step of this session (after a resume, not step 1)
+            self._started = (time.perf_counter(), state.global_step)
+
+    def _eta(self, state: Any) -> str:
+        if self._started is None or state.global_step <= self._started[1]:
+            return "?"
+        per_step = (time.perf_counter() - self._started[0]) / (state.global_step - self._started[1])
+        return f"{per_step * (state.max_steps - state.global_step):.0f}s"
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
         numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
         self.history.append({"step": state.global_step, **numeric})
-        logger.info("step %d/%d %s", state.global_step, state.max_steps,
+        logger.info("step %d/%d (ETA %s) %s", state.global_step, state.max_steps, self._eta(state),
                     " ".join(f"{k}={v:.4g}" for k, v in numeric.items()))
         if self.sink is not None:
             self.sink(numeric, state.global_step)
@@ -128,6 +146,44 @@ def _restore_adapter_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+LOSS_CURVE_FILENAME = "loss_curve.png"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated CUDA memory on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_loss_curve(history: Sequence[Mapping[str, float]], path: Path) -> Path | None:
+    """PNG of training loss (and learning rate) per step; None when nothing was logged."""
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    fig, loss_axis = plt.subplots(figsize=(7, 4))
+    loss_axis.plot(*zip(*points, strict=True), color="tab:blue", label="loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("training loss")
+    rates = [(h["step"], h["learning_rate"]) for h in history if "learning_rate" in h]
+    if rates:
+        rate_axis = loss_axis.twinx()
+        rate_axis.plot(*zip(*rates, strict=True), color="tab:orange", alpha=0.6, label="learning rate")
+        rate_axis.set_ylabel("learning rate")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _tokens_seen_at(checkpoint: Path | None) -> float:
@@ -222,5 +278,8 @@ def train_qlora(
         "trainable_params": float(trainable),
         "trainable_ratio": round(trainable / total, 6) if total else 0.0,
         "resumed_from_step": float(resumed_from),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
     }
+    if trainer.is_world_process_zero():
+        write_loss_curve(callback.history, run_dir / "train" / LOSS_CURVE_FILENAME)
     return TrainResult(adapter_dir=adapter_dir, metrics=metrics, adapter_checksum=checksum)

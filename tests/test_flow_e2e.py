@@ -70,7 +70,8 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
     assert summary["registered_model"]["name"] == "e2e-tiny" and summary["registered_model"]["version"] == "1"
     run_dir = Path(summary["run_dir"])
     for produced in ["data/clean.jsonl", "data/quarantine.jsonl", "formatted/tokenized.jsonl", "adapter",
-                     "eval/base.json", "eval/candidate.json", "merged/model.safetensors", "summary.json"]:
+                     "eval/base.json", "eval/candidate.json", "merged/model.safetensors", "summary.json",
+                     "train/loss_curve.png"]:
         assert (run_dir / produced).exists(), produced
     assert list(tmp_path.iterdir()) == [summary_path]
 

@@ -85,3 +85,37 @@ def test_parity_failure_writes_nothing(trained, tmp_path):
     with pytest.raises(MergeError, match="quantized_parity_tolerance"):
         merge_adapter(strict, result.adapter_dir, tmp_path / "merged", chat_rows()[:2])
     assert not (tmp_path / "merged").exists()
+
+
+def test_loss_curve_and_peak_memory_are_recorded(trained):
+    _, run_dir, result, _ = trained
+    curve = run_dir / "train" / "loss_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.metrics["peak_memory_mb"] > 0
+
+
+@pytest.mark.parametrize(("overrides", "adapter_config"), [
+    (["lora.use_dora=true"], {"use_dora": True}),
+    (["lora.use_rslora=true", "lora.modules_to_save=[lm_head]"], {"use_rslora": True, "modules_to_save": ["lm_head"]}),
+    (["train.packing=true"], {}),
+])
+def test_lora_and_packing_options_reach_the_adapter(tiny_model_dir, tiny_rows_path, tmp_path, overrides, adapter_config):
+    import json
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}", "train.max_steps=2",
+                             "train.warmup_steps=0", "train.save_steps=2", *overrides])
+    tokenized = tmp_path / "tokenized.jsonl"
+    format_dataset(load_tokenizer(cfg.model), tiny_rows_path, tokenized, cfg.data.max_length)
+    result = train_qlora(cfg, tokenized, tmp_path)
+    assert result.metrics["global_step"] == 2
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert {key: saved[key] for key in adapter_config} == adapter_config
+    weights = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    if "modules_to_save" in adapter_config:
+        assert any("lm_head" in name and "lora_" not in name for name in weights)
+    if cfg.lora.use_dora:
+        assert any("lora_magnitude_vector" in name for name in weights)
+    if cfg.train.packing:
+        from lora_pipeline.training import build_sft_config
+
+        assert build_sft_config(cfg, tmp_path, torch.float32, torch.device("cpu")).packing is True
