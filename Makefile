@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test clean bench-data
+.PHONY: setup demo test clean bench-data bench-train
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test: setup
 # Speed and memory measurements (not part of the tests): see benchmarks/README.md.
 bench-data: setup
 	$(BIN)/python -m benchmarks.data_stage --out outputs/benchmarks
+
+bench-train: setup
+	$(BIN)/python -m benchmarks.training --out outputs/benchmarks
 
 clean:
 	rm -rf outputs .pytest_cache

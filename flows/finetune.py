@@ -102,6 +102,8 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
 
 def _final_metrics(results: dict) -> dict[str, float]:
     metrics = {f"eval/{label}/{k}": float(v) for label, m in results["eval"].items() for k, v in m.items()}
+    # Training totals (trainable parameters and ratio, peak memory, tokens/s, resumed-from step).
+    metrics.update({f"train_summary/{k}": float(v) for k, v in results["train"].items()})
     metrics["merge/merge_rel_diff"] = float(results["merge"]["merge_rel_diff"])
     metrics["merge/quantized_rel_diff"] = float(results["merge"]["quantized_rel_diff"])
     metrics["gate/passed"] = float(results["gate"]["passed"])

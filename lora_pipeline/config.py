@@ -85,6 +85,9 @@ class QuantConfig(_Strict):
     load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit instead.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Storage dtype of packed 4-bit weights; FSDP + QLoRA needs it equal to the compute "
+        "dtype (e.g. bfloat16) to shard them.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Matmul dtype; auto = bf16 on capable GPUs, fp16 on older GPUs, fp32 on CPU."
     )
@@ -107,7 +110,10 @@ class TrainConfig(_Strict):
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    num_processes: int = Field(1, ge=1, description="Data-parallel processes (accelerate).")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes; > 1 launches torchrun (or accelerate).")
+    accelerate_config: str | None = Field(
+        None, description="With num_processes > 1: launch with `accelerate launch --config_file` this file (DDP, "
+        "FSDP; see infra/accelerate/) instead of torchrun.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(
@@ -153,6 +159,9 @@ class MergeConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="Tracking URI; default sqlite under output_dir.")
     experiment_name: str = Field("lora-pipeline", description="Experiment holding the pipeline runs.")
+    system_metrics_interval: float = Field(
+        10.0, ge=0, description="Seconds between system-metric samples (CPU, memory, disk, network, GPU) while "
+        "training; 0 turns them off.")
 
 
 class RegistryConfig(_Strict):

@@ -59,10 +59,15 @@ def launch_training(
     config_json.write_text(cfg.model_dump_json())
     result_json = run_dir / "train-result.json"
     result_json.unlink(missing_ok=True)
+    if cfg.train.accelerate_config:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.train.accelerate_config,
+                    "--num_processes", str(cfg.train.num_processes), "--main_process_port", str(_free_port()),
+                    "--module", "lora_pipeline.distributed"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.train.num_processes),
+                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "lora_pipeline.distributed"]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.train.num_processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "lora_pipeline.distributed",
+        *launcher,
         "--config-json", str(config_json), "--tokenized", str(tokenized_path), "--run-dir", str(run_dir),
         "--checkpoint-dir", str(checkpoint_dir), "--result-json", str(result_json),
     ]
@@ -72,6 +77,8 @@ def launch_training(
     logger.info("launching %d training processes (log: %s)", cfg.train.num_processes, log_path)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with log_path.open("w") as log:
+        log.write("launch: " + " ".join(command) + "\n")
+        log.flush()
         # Streamed to a file, not a pipe: a chatty rank can never block on a full pipe buffer.
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if done.returncode != 0 or not result_json.is_file():

@@ -54,6 +54,7 @@ def quantization_config(quant: QuantConfig, compute_dtype: torch.dtype) -> BitsA
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=getattr(torch, quant.quant_storage),
         )
     if quant.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)

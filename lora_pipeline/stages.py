@@ -161,19 +161,23 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
     ``train.num_processes > 1`` launches the ranks with torchrun (see :mod:`lora_pipeline.distributed`);
     per-step metrics go to the MLflow run in ``tracking_info`` (from rank 0 only).
     """
+    from contextlib import nullcontext
     from functools import partial
 
     from lora_pipeline import tracking
     from lora_pipeline.distributed import launch_training
 
     checkpoint_dir = cfg.output_dir / "checkpoints" / run_key
-    if cfg.train.num_processes > 1:
-        trained = launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, tracking_info)
-    else:
-        sink = partial(tracking.log_step_metrics, tracking_info["tracking_uri"], tracking_info["run_id"]) \
-            if tracking_info else None
-        result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=sink, checkpoint_dir=checkpoint_dir)
-        trained = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
+    monitor = tracking.system_metrics(tracking_info["tracking_uri"], tracking_info["run_id"],
+                                      cfg.mlflow.system_metrics_interval) if tracking_info else nullcontext()
+    with monitor:
+        if cfg.train.num_processes > 1:
+            trained = launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, tracking_info)
+        else:
+            sink = partial(tracking.log_step_metrics, tracking_info["tracking_uri"], tracking_info["run_id"]) \
+                if tracking_info else None
+            result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=sink, checkpoint_dir=checkpoint_dir)
+            trained = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
     curve = run_dir / "train" / LOSS_CURVE_FILENAME
     if tracking_info and curve.is_file():
         tracking.log_artifacts(tracking_info["tracking_uri"], tracking_info["run_id"], curve, "train")

@@ -259,6 +259,26 @@ def log_step_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float
     log_metrics(tracking_uri, run_id, {f"train/{k}": v for k, v in metrics.items()}, step=step)
 
 
+@contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval_seconds: float) -> Iterator[None]:
+    """Sample CPU/memory/disk/network (and GPU when present) into the run while the block runs.
+
+    MLflow's monitor logs ``system/*`` metrics every ``interval_seconds`` from a background thread;
+    ``interval_seconds`` 0 does nothing.
+    """
+    if interval_seconds <= 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_seconds, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def log_artifacts(
     tracking_uri: str, run_id: str, local_dir_or_file: Path, artifact_path: str | None = None
 ) -> None:

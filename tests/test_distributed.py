@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -51,3 +53,29 @@ def test_one_checkpoint_set_and_one_mlflow_run(two_process_run):
     assert [run.info.run_id for run in runs] == [info["run_id"]]
     losses = client.get_metric_history(info["run_id"], "train/loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]  # each step logged once: by rank 0 only
+
+
+def test_accelerate_config_switches_the_launcher(tiny_model_dir, tmp_path, monkeypatch):
+    # `accelerate launch` runs a single process on CPU (its multi-CPU mode needs MPI), so the GPU launch
+    # path is checked by its command; the ranks themselves are the same worker as under torchrun.
+    from lora_pipeline import distributed
+
+    config_file = Path(__file__).resolve().parents[1] / "infra" / "accelerate" / "multi_gpu_ddp.yaml"
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}",
+                             "train.num_processes=4", f"train.accelerate_config={config_file}"])
+    launched: list[list[str]] = []
+
+    def fake_run(command, **kwargs):
+        launched.append(command)
+        result_json = Path(command[command.index("--result-json") + 1])
+        result_json.write_text(json.dumps({"adapter_dir": "a", "metrics": {"world_size": 4.0}}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    result = distributed.launch_training(cfg, tmp_path / "t.jsonl", tmp_path / "run", tmp_path / "ckpt")
+    (command,) = launched
+    assert command[1:7] == ["-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                            "--num_processes", "4"]
+    assert command[command.index("--module") + 1] == "lora_pipeline.distributed"
+    assert result["metrics"]["world_size"] == 4.0
+    assert (tmp_path / "run" / "distributed.log").read_text().startswith("launch: ")

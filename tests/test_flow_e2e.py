@@ -46,6 +46,7 @@ def small_config(tiny_model_dir, tmp_path_factory) -> Path:
         "train": {"max_steps": 6, "warmup_steps": 1, "save_steps": 3, "logging_steps": 2, "per_device_batch_size": 8},
         "gate": {"min_task_gain": 0.0, "max_regression": 1.0},
         "registry": {"model_name": "e2e-tiny"},
+        "mlflow": {"system_metrics_interval": 0.5},
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -74,6 +75,16 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
                      "train/loss_curve.png"]:
         assert (run_dir / produced).exists(), produced
     assert list(tmp_path.iterdir()) == [summary_path]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert {"train/loss", "train/grad_norm", "train/learning_rate"} <= set(run.data.metrics)
+    assert any(name.startswith("system/cpu_utilization") for name in run.data.metrics)  # sampled while training
+    assert run.data.params["lora.r"] == "4"
+    assert run.data.metrics["train_summary/trainable_params"] > 0 and run.data.metrics["train_summary/peak_memory_mb"] > 0
+    assert "train/loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "train")}
 
     outputs = run_dir.parents[1]
     pipe = load_text_generation(summary["registered_model"]["model_uri"], f"sqlite:///{outputs / 'mlflow.db'}")
