@@ -77,6 +77,8 @@ def _config(model_dir: Path, out: Path, steps: int, packing: bool):
 
 def case_pipeline(model_dir: Path, data: Path, out: Path, steps: int, packing: bool) -> dict:
     """The pipeline's own training stage."""
+    from transformers import AutoModelForCausalLM
+
     from lora_pipeline.formatting import format_dataset
     from lora_pipeline.modeling import load_tokenizer
     from lora_pipeline.training import train_qlora
@@ -85,8 +87,7 @@ def case_pipeline(model_dir: Path, data: Path, out: Path, steps: int, packing: b
     tokenized = out / "tokenized.jsonl"
     format_dataset(load_tokenizer(cfg.model), data, tokenized, cfg.data.max_length)
     result = train_qlora(cfg, tokenized, out)
-    from transformers import AutoModelForCausalLM
-
+    # All parameters of the de-quantised architecture: what the FLOP count is about.
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     return {"tokens_per_second": result.metrics["tokens_per_second"], "seconds": result.metrics["train_seconds"],
             "n_params": n_params, "peak_memory_mb": result.metrics["peak_memory_mb"]}
