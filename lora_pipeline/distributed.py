@@ -125,10 +125,21 @@ def worker_main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps({"adapter_dir": str(result.adapter_dir), "metrics": metrics,
                                    "rank_checksums": checksums}))
         os.replace(tmp, args.result_json)
+    _shutdown_process_group()
     if not agree:
         print(f"rank {rank}: adapter weights differ between ranks: {checksums}", file=sys.stderr)
         return 1
     return 0
+
+
+def _shutdown_process_group() -> None:
+    # Without an explicit barrier + destroy, a rank can exit while gloo's background threads still run
+    # ("terminate called without an active exception", SIGABRT), failing a job whose work is done.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def build_tiny_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 400) -> P
     """
     specials = [PAD, BOS, EOS, UNK, *ROLE_TOKENS]
     backend = Tokenizer(models.BPE(unk_token=None))
+    # Deliberately not the demo world's tokenizer (lora_pipeline.demo_world.tokenizer), which adds a
+    # prefix space: tests also see the GPT-2/Llama-3 convention, where "cat" after a marker differs.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
