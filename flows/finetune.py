@@ -12,9 +12,9 @@ from lora_pipeline.summary import RunSummary, new_run_dir
 from lora_pipeline.tracking import mask_secrets
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
-from tasks.evaluate import evaluate
+from tasks.evaluate import compare_models, evaluate, evaluate_champion
 from tasks.merge import merge
-from tasks.register import register
+from tasks.register import apply_aliases, register
 from tasks.tracking import close_tracking_run, log_data_report, log_results, open_tracking_run
 from tasks.train import train_qlora
 
@@ -30,10 +30,14 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
                              Data Docs logged to MLflow); stops the run on failure
         4. format_prompts  - chat template, assistant-only labels, EOS-unmasked proof
         5. train_qlora     - 4-bit base + LoRA adapter with TRL's SFTTrainer
-        6. evaluate        - the same evaluation on the base model and on the candidate
-        7. gate            - pure decision: task gain and regression tolerance, with reasons
+        6. evaluate        - the same evaluation on the base model, the candidate and the registry's
+                             current champion; comparison table and bar chart
+        7. gate            - pure decision: task gain, regression tolerance, stop rate, not worse than
+                             the champion; every reason logged, in the summary and as MLflow tags
         8. merge           - adapter into the de-quantised base, logit parity checked
         9. register        - MLflow model registry version with lineage tags (idempotent per run key)
+       10. apply_aliases   - a passing version becomes `candidate` (and `champion` with
+                             registry.auto_promote; the old champion becomes `previous`)
 
     Args:
         config_path: YAML config; None uses the embedded defaults (the offline demo).
@@ -73,11 +77,17 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
             base_metrics = evaluate(cfg, str(run_dir), "base")
             candidate_metrics = evaluate(cfg, str(run_dir), "candidate", trained["adapter_dir"])
             summary.results["eval"] = {"base": base_metrics, "candidate": candidate_metrics}
+            champion = evaluate_champion(cfg, str(run_dir), tracking_info, run_key)
+            summary.results["champion"] = {k: v for k, v in (champion or {}).items() if k != "metrics"}
+            if champion and champion["metrics"]:
+                summary.results["eval"]["champion"] = champion["metrics"]
+            summary.results["comparison"] = compare_models(str(run_dir), summary.results["eval"])
         with summary.stage("gate"):
-            decision = gate_candidate(base_metrics, candidate_metrics, cfg.gate)
+            champion_metrics = champion["metrics"] if champion else None
+            decision = gate_candidate(base_metrics, candidate_metrics, cfg.gate, champion_metrics)
             summary.results["gate"] = decision.to_dict()
             for reason in decision.reasons:
-                logger.info("gate %s: %s", "PASS" if decision.passed else "FAIL", reason)
+                logger.info("gate %s: %s", "PASSED" if decision.passed else "FAILED", reason)
         with summary.stage("merge"):
             merged = merge(cfg, trained["adapter_dir"], str(run_dir))
             summary.results["merge"] = merged
@@ -85,11 +95,14 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
             "run_key": run_key, "config_hash": cfg.config_hash(), "data_hash": data["data_hash"],
             "base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision or "",
             "flow_run_id": flow_run_id, "gate_passed": str(decision.passed),
+            "gate_reasons": "; ".join(decision.reasons),
             **{f"eval.{name}.{k}": f"{v:.4f}" for name, m in summary.results["eval"].items() for k, v in m.items()},
         }
         with summary.stage("register"):
             registered = register(cfg, merged["merged_dir"], trained["adapter_dir"], tracking_info, run_key, lineage)
             summary.results["registered_model"] = registered
+        with summary.stage("apply_aliases"):
+            summary.results["registry"] = apply_aliases(cfg, tracking_info, registered["version"], decision.passed)
         log_results(tracking_info, _final_metrics(summary.results), {"gate_passed": str(decision.passed),
                     "gate_reasons": "; ".join(decision.reasons)}, str(run_dir / "eval"))
         summary.status = "completed"

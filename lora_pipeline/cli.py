@@ -69,7 +69,61 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--out", type=Path, required=True, help="output directory (created)")
     show = commands.add_parser("show-config", help="print the validated config as YAML")
     _add_config_args(show)
+    promote = commands.add_parser(
+        "promote", help="move the champion alias to a version (the old champion becomes 'previous')")
+    promote.add_argument("name", help="registered model name")
+    promote.add_argument("version", help="version number to serve")
+    _add_config_args(promote)
+    rollback = commands.add_parser("rollback", help="make the previous champion the champion again")
+    rollback.add_argument("name", help="registered model name")
+    _add_config_args(rollback)
+    serve = commands.add_parser(
+        "serve", help="serve NAME@ALIAS with OpenAI-compatible /v1/completions, /v1/chat/completions, /health")
+    serve.add_argument("model", metavar="NAME@ALIAS", help="e.g. lora-pipeline-demo@champion")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    _add_config_args(serve)
     return parser
+
+
+def _tracking_uri(cfg: PipelineConfig) -> str:
+    from lora_pipeline.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.mlflow, cfg.output_dir)
+
+
+def _aliases(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    """promote / rollback: print the new aliases; exit 1 when the registry refuses."""
+    from lora_pipeline import registry
+
+    uri = _tracking_uri(cfg)
+    try:
+        if args.command == "promote":
+            result = registry.promote(uri, args.name, args.version)
+        else:
+            result = registry.rollback(uri, args.name)
+    except registry.PromotionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"name": args.name, **result, "aliases": registry.aliases(uri, args.name)}, indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    import uvicorn
+
+    from lora_pipeline.serving import build_app, load_registered_generator
+
+    for key, value in _PROCESS_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        generator, info = load_registered_generator(_tracking_uri(cfg), args.model)
+    except (ValueError, LookupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"serving {args.model} (version {info['version']}) on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(build_app(generator, args.model, info), host=args.host, port=args.port, log_level="info")
+    return 0
 
 
 def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
@@ -94,6 +148,7 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         "gate": summary["gate"],
         "eval": summary["eval"],
         "registered_model": registered,
+        "registry": summary.get("registry", {}),
     }, indent=2))
     return 0
 
@@ -144,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "validate-data":
         return _validate_data(args, cfg)
+    if args.command in ("promote", "rollback"):
+        return _aliases(args, cfg)
+    if args.command == "serve":
+        return _serve(args, cfg)
     return _run(args, cfg)
 
 

@@ -144,6 +144,10 @@ class EvalConfig(_Strict):
 class GateConfig(_Strict):
     min_task_gain: float = Field(0.2, description="Candidate task exact match minus base, at least.")
     max_regression: float = Field(0.1, ge=0.0, description="Largest allowed drop in regression exact match.")
+    min_stop_rate: float = Field(0.9, ge=0.0, le=1.0, description="Least fraction of candidate generations that "
+                                 "end with EOS within eval.max_new_tokens, in every suite.")
+    champion_tolerance: float = Field(0.0, ge=0.0, description="How far below the current champion's task and "
+                                      "regression exact match a candidate may be and still pass.")
 
 
 class MergeConfig(_Strict):
@@ -166,6 +170,8 @@ class MlflowConfig(_Strict):
 
 class RegistryConfig(_Strict):
     model_name: str = Field("lora-pipeline-demo", min_length=1, description="Registered model name.")
+    auto_promote: bool = Field(False, description="Move the `champion` alias to a candidate that passed the gate "
+                               "(the old champion becomes `previous`); off: promote by hand.")
 
 
 class PipelineConfig(_Strict):

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_pipeline.formatting import encode_generation_prompt, prompt_turns
+from lora_pipeline.formatting import IGNORE_INDEX, encode_generation_prompt, prompt_turns, tokenize_conversation
+
+#: n-gram size of the repetition rate (a degenerate generation repeats phrases, not single words).
+REPETITION_NGRAM = 3
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,47 @@ class EvalSuites:
 def normalize_answer(text: str) -> str:
     """Exact match compares answers with whitespace collapsed and ends stripped."""
     return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 over whitespace tokens (bag of words overlap); 1.0 when both are empty."""
+    predicted, expected = prediction.split(), reference.split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def repetition_rate(token_ids: Sequence[int], n: int = REPETITION_NGRAM) -> float:
+    """Fraction of a generation's n-grams that repeat an earlier one (0 = none, near 1 = a loop)."""
+    ngrams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    if not ngrams:
+        return 0.0
+    return 1 - len(set(ngrams)) / len(ngrams)
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence), Google's ``rouge-score`` implementation."""
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy answer: its text, whether it stopped at EOS, and its repetition rate."""
+
+    text: str
+    stopped: bool
+    repetition: float
 
 
 @torch.no_grad()
@@ -50,7 +96,10 @@ def generate_answers(
         for new_tokens in output[:, padded["input_ids"].shape[1] :].tolist():
             stopped = tokenizer.eos_token_id in new_tokens
             answer = new_tokens[: new_tokens.index(tokenizer.eos_token_id)] if stopped else new_tokens
-            results.append((tokenizer.decode(answer, skip_special_tokens=True), stopped))
+            while answer and answer[-1] == tokenizer.pad_token_id:  # batch padding, not generated text
+                answer.pop()
+            results.append(Generation(tokenizer.decode(answer, skip_special_tokens=True), stopped,
+                                      repetition_rate(answer)))
     return results
 
 
@@ -58,7 +107,11 @@ def score_generation_suite(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int, batch_size: int,
     records: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Exact match against each row's final assistant turn, and the fraction that stopped at EOS.
+    """Answer quality and generation health against each row's final assistant turn.
+
+    Returns:
+        ``exact_match``, ``token_f1``, ``rouge_l`` (means over rows), ``stop_rate`` (fraction that
+        ended with EOS within the budget), ``repetition_rate`` (mean repeated-n-gram fraction), ``n``.
 
     Args:
         records: if given, receives one dict per row (prompt, expected, answer, stopped, correct), so
@@ -67,15 +120,21 @@ def score_generation_suite(
     if not rows:
         return {}
     answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
-    hits = 0
-    for (text, stopped), row in zip(answers, rows, strict=True):
+    totals = Counter()
+    for answer, row in zip(answers, rows, strict=True):
         expected = row["messages"][-1]["content"]
-        correct = normalize_answer(text) == normalize_answer(expected)
-        hits += correct
+        correct = normalize_answer(answer.text) == normalize_answer(expected)
+        totals["exact_match"] += correct
+        totals["token_f1"] += token_f1(answer.text, expected)
+        totals["rouge_l"] += rouge_l(answer.text, expected)
+        totals["stop_rate"] += answer.stopped
+        totals["repetition_rate"] += answer.repetition
         if records is not None:
-            records.append({"prompt": row["messages"][:-1], "expected": expected, "answer": text,
-                            "stopped": stopped, "correct": correct})
-    return {"exact_match": hits / len(rows), "stop_rate": sum(s for _, s in answers) / len(rows), "n": len(rows)}
+            records.append({"prompt": row["messages"][:-1], "expected": expected, "answer": answer.text,
+                            "stopped": answer.stopped, "correct": correct})
+    scores = {key: value / len(rows) for key, value in totals.items()}
+    return {**{key: scores.get(key, 0.0) for key in
+               ("exact_match", "token_f1", "rouge_l", "stop_rate", "repetition_rate")}, "n": len(rows)}
 
 
 @torch.no_grad()
@@ -98,6 +157,31 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int
     return math.exp(total_nll / max(total_tokens, 1))
 
 
+@torch.no_grad()
+def answer_perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int,
+                      max_length: int) -> float:
+    """Perplexity of the reference answers given their prompts (assistant tokens and their EOS only)."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        samples = [tokenize_conversation(tokenizer, row["messages"], max_length) for row in rows[start : start + batch_size]]
+        width = max(len(sample.input_ids) for sample in samples)
+        input_ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(samples), width), dtype=torch.long)
+        for i, sample in enumerate(samples):  # right padding: positions stay 0..n-1
+            input_ids[i, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
+            labels[i, : len(sample.labels)] = torch.tensor(sample.labels)
+            attention[i, : len(sample.input_ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        targets = labels[:, 1:].to(device)
+        total_nll += torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="sum").item()
+        total_tokens += int((targets != IGNORE_INDEX).sum())
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
 def evaluate_model(
     model: Any, tokenizer: Any, suites: EvalSuites, *, max_new_tokens: int, batch_size: int, max_length: int,
     generations_path: Path | None = None,
@@ -114,6 +198,8 @@ def evaluate_model(
         scores = score_generation_suite(model, tokenizer, rows, max_new_tokens, batch_size, records[name])
         for key, value in scores.items():
             metrics[f"{name}_{key}"] = value
+    if suites.task:
+        metrics["task_perplexity"] = answer_perplexity(model, tokenizer, suites.task, batch_size, max_length)
     if suites.regression_text:
         metrics["regression_perplexity"] = perplexity(model, tokenizer, suites.regression_text, batch_size, max_length)
     if generations_path is not None:
@@ -129,4 +215,45 @@ def write_metrics(metrics: dict[str, float], path: Path) -> Path:
     """Save a metric dict as JSON (the artefact the flow and MLflow keep)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return path
+
+
+#: Metrics on a 0-1 scale, drawn as grouped bars (perplexities get their own log-scale panel).
+_CHART_RATES = ("task_exact_match", "task_token_f1", "task_rouge_l", "task_stop_rate", "task_repetition_rate",
+                "regression_exact_match", "regression_stop_rate")
+_CHART_PERPLEXITIES = ("task_perplexity", "regression_perplexity")
+
+
+def comparison_table(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``{metric: {model label: value}}`` over every metric any model has (base, candidate, champion)."""
+    metrics = sorted({key for scores in results.values() for key in scores})
+    return {key: {label: scores[key] for label, scores in results.items() if key in scores} for key in metrics}
+
+
+def write_comparison_chart(results: dict[str, dict[str, float]], path: Path) -> Path:
+    """PNG bar chart of base vs candidate (vs champion): rates on the left, perplexities on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    fig, (rates_axis, ppl_axis) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    for axis, keys in ((rates_axis, _CHART_RATES), (ppl_axis, _CHART_PERPLEXITIES)):
+        keys = [key for key in keys if any(key in scores for scores in results.values())]
+        width = 0.8 / max(len(labels), 1)
+        for offset, label in enumerate(labels):
+            values = [results[label].get(key, float("nan")) for key in keys]
+            axis.bar([i + offset * width for i in range(len(keys))], values, width, label=label)
+        axis.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(keys))])
+        axis.set_xticklabels([key.replace("_", "\n", 1) for key in keys], fontsize=8)
+    rates_axis.set_ylim(0, 1.05)
+    rates_axis.set_title("quality and generation health (higher is better, but repetition)")
+    ppl_axis.set_yscale("log")
+    ppl_axis.set_title("perplexity (lower is better)")
+    rates_axis.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

@@ -18,32 +18,53 @@ class GateDecision:
         return asdict(self)
 
 
-def gate_candidate(base: Mapping[str, float], candidate: Mapping[str, float], gate: GateConfig) -> GateDecision:
-    """Pass only if the candidate gained enough on the task and did not forget the base's skills.
+def _rule(reasons: list[str], ok: bool, text: str) -> bool:
+    reasons.append(f"{'PASS' if ok else 'FAIL'}: {text}")
+    return ok
+
+
+def gate_candidate(
+    base: Mapping[str, float],
+    candidate: Mapping[str, float],
+    gate: GateConfig,
+    champion: Mapping[str, float] | None = None,
+) -> GateDecision:
+    """Pass only if the candidate learned the task, kept the base's skills, stops, and beats the champion.
+
+    Rules (each yields one reason, passing or failing):
+        - task gain: candidate ``task_exact_match`` - base >= ``gate.min_task_gain``;
+        - regression: base ``regression_exact_match`` - candidate <= ``gate.max_regression``;
+        - stop rate: every suite's ``*_stop_rate`` of the candidate >= ``gate.min_stop_rate``;
+        - champion (when there is one): candidate task and regression exact match each >= the
+          champion's - ``gate.champion_tolerance``, on the same suites in the same run.
 
     Args:
-        base: metrics of the base model (``task_exact_match``, ``regression_exact_match``).
+        base: metrics of the base model.
         candidate: metrics of the fine-tuned model, same keys.
-        gate: thresholds (``min_task_gain``, ``max_regression``).
-
-    Returns:
-        The decision and one human-readable reason per rule, passing or failing.
+        gate: thresholds.
+        champion: metrics of the model currently serving (``champion`` alias), if any and if it is
+            not this same training.
     """
     reasons: list[str] = []
     passed = True
     gain = candidate.get("task_exact_match", 0.0) - base.get("task_exact_match", 0.0)
-    ok = gain >= gate.min_task_gain
-    passed &= ok
-    reasons.append(
-        f"task gain {gain:+.3f} {'>=' if ok else '<'} min_task_gain {gate.min_task_gain:.3f}"
-    )
+    passed &= _rule(reasons, gain >= gate.min_task_gain,
+                    f"task gain {gain:+.3f} (need >= {gate.min_task_gain:.3f})")
     if "regression_exact_match" in base and "regression_exact_match" in candidate:
         drop = base["regression_exact_match"] - candidate["regression_exact_match"]
-        ok = drop <= gate.max_regression
-        passed &= ok
-        reasons.append(
-            f"regression drop {drop:+.3f} {'<=' if ok else '>'} max_regression {gate.max_regression:.3f}"
-        )
+        passed &= _rule(reasons, drop <= gate.max_regression,
+                        f"regression drop {drop:+.3f} (allowed <= {gate.max_regression:.3f})")
     else:
-        reasons.append("no regression suite: regression rule not applied")
+        reasons.append("SKIP: no regression suite, regression rule not applied")
+    for key in sorted(k for k in candidate if k.endswith("_stop_rate")):
+        passed &= _rule(reasons, candidate[key] >= gate.min_stop_rate,
+                        f"{key} {candidate[key]:.3f} (need >= {gate.min_stop_rate:.3f})")
+    if champion is None:
+        reasons.append("SKIP: no champion to compare with (none yet, or it is this same training)")
+    else:
+        for key in ("task_exact_match", "regression_exact_match"):
+            if key in champion and key in candidate:
+                delta = candidate[key] - champion[key]
+                passed &= _rule(reasons, delta >= -gate.champion_tolerance,
+                                f"{key} vs champion {delta:+.3f} (allowed >= {0.0 - gate.champion_tolerance:.3f})")
     return GateDecision(passed=bool(passed), reasons=reasons)

@@ -216,8 +216,7 @@ def register_model(
         log_artifacts(tracking_uri, run_id, Path(adapter_dir), ADAPTER_ARTIFACT_PATH)
         lineage["adapter_uri"] = f"runs:/{run_id}/{ADAPTER_ARTIFACT_PATH}"
     model_id = _log_transformers_model(tracking_uri, run_id, Path(model_dir), input_example, lineage, name)
-    # Logging takes seconds; checking again here shrinks the check-then-create window to the two
-    # calls below. Concurrent registrations of one run key can still both create (see report).
+    # Logging takes seconds; checking again here shrinks the check-then-create window.
     existing = find_version_by_run_key(tracking_uri, name, run_key)
     if existing is not None:
         logger.info("run_key %s was registered meanwhile as %s", run_key, existing.model_uri)
@@ -231,6 +230,16 @@ def register_model(
         created = mlflow_client(tracking_uri).create_model_version(
             name, source=f"models:/{model_id}", run_id=run_id, tags=lineage, model_id=model_id
         )
+    # Two registrations of one run key can still both get here (the registry has no unique
+    # constraint on tags). Both then see both versions; the oldest one wins everywhere, and the
+    # process that created a newer one deletes it, so one run key ends with exactly one version.
+    winner = find_version_by_run_key(tracking_uri, name, run_key)
+    if winner is not None and winner.version != str(created.version):
+        logger.warning("run_key %s was registered concurrently as %s: deleting duplicate version %s",
+                       run_key, winner.model_uri, created.version)
+        mlflow_client(tracking_uri).delete_model_version(name, str(created.version))
+        mlflow_client(tracking_uri).delete_logged_model(model_id)
+        return winner
     set_tags(tracking_uri, run_id, {**lineage, "registered_model_uri": f"models:/{name}/{created.version}"})
     return RegisteredVersion(name=name, version=str(created.version), run_id=run_id,
                              model_uri=f"models:/{name}/{created.version}", created=True)
@@ -252,3 +261,89 @@ def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None
 
     with fluent_tracking_uri(tracking_uri):
         return mlflow.transformers.load_model(model_uri, dst_path=str(dst_dir) if dst_dir else None)
+
+
+#: Aliases the pipeline manages. ``candidate``: the newest version that passed the gate;
+#: ``champion``: the version to serve; ``previous``: the champion before it (``rollback`` target).
+CANDIDATE_ALIAS, CHAMPION_ALIAS, PREVIOUS_ALIAS = "candidate", "champion", "previous"
+#: Model-version tag recording which version was champion before this one (the rollback chain).
+PREVIOUS_CHAMPION_TAG = "previous_champion"
+
+
+class PromotionError(RuntimeError):
+    """A promotion or rollback cannot be done (unknown version, no previous champion)."""
+
+
+def version_by_alias(tracking_uri: str, name: str, alias: str) -> str | None:
+    """The version number behind ``name@alias``, or None when the alias (or the model) does not exist."""
+    try:
+        return str(mlflow_client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def aliases(tracking_uri: str, name: str) -> dict[str, str]:
+    """Every alias of a registered model: ``{alias: version}``."""
+    return {alias: str(version) for alias, version in mlflow_client(tracking_uri).get_registered_model(name).aliases.items()}
+
+
+def set_candidate(tracking_uri: str, name: str, version: str) -> None:
+    """Point ``candidate`` at a version that passed the gate."""
+    mlflow_client(tracking_uri).set_registered_model_alias(name, CANDIDATE_ALIAS, version)
+
+
+def promote(tracking_uri: str, name: str, version: str) -> dict[str, str | None]:
+    """Move ``champion`` to ``version``; the old champion becomes ``previous`` (one-command rollback).
+
+    Promoting the current champion again changes nothing.
+
+    Returns:
+        ``{"champion": version, "previous": old champion or None}``.
+
+    Raises:
+        PromotionError: the version does not exist.
+    """
+    client = mlflow_client(tracking_uri)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise PromotionError(f"{name} has no version {version}") from exc
+    current = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)
+    if current == str(version):
+        return {"champion": str(version), "previous": version_by_alias(tracking_uri, name, PREVIOUS_ALIAS)}
+    if current is not None:
+        client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, current)
+        client.set_registered_model_alias(name, PREVIOUS_ALIAS, current)
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    logger.info("promoted %s version %s to champion (previous: %s)", name, version, current)
+    return {"champion": str(version), "previous": current}
+
+
+def rollback(tracking_uri: str, name: str) -> dict[str, str | None]:
+    """Make ``previous`` the champion again; ``previous`` then moves one step further back.
+
+    The rolled-back version keeps its number and artefacts (nothing is deleted); it is tagged
+    ``rolled_back`` so the registry shows why it stopped serving.
+
+    Returns:
+        ``{"champion": restored version, "previous": the one before it or None, "rolled_back": version}``.
+
+    Raises:
+        PromotionError: there is no champion or no previous champion.
+    """
+    client = mlflow_client(tracking_uri)
+    current = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)
+    restored = version_by_alias(tracking_uri, name, PREVIOUS_ALIAS)
+    if current is None or restored is None:
+        raise PromotionError(f"{name}: nothing to roll back to (champion={current}, previous={restored})")
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, restored)
+    client.set_model_version_tag(name, current, "rolled_back", "true")
+    before = client.get_model_version(name, restored).tags.get(PREVIOUS_CHAMPION_TAG)
+    if before and before != current:
+        client.set_registered_model_alias(name, PREVIOUS_ALIAS, before)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS_ALIAS)
+    logger.info("rolled %s back from version %s to %s", name, current, restored)
+    return {"champion": restored, "previous": before if before and before != current else None, "rolled_back": current}

@@ -15,7 +15,13 @@ from lora_pipeline.chat_templates import turn_markers
 from lora_pipeline.config import BUILTIN_DEMO, PipelineConfig
 from lora_pipeline.data import ValidationResult, read_messages, validate_dataset
 from lora_pipeline.demo_world import ensure_demo_world
-from lora_pipeline.evaluation import EvalSuites, evaluate_model, write_metrics
+from lora_pipeline.evaluation import (
+    EvalSuites,
+    comparison_table,
+    evaluate_model,
+    write_comparison_chart,
+    write_metrics,
+)
 from lora_pipeline.formatting import format_dataset
 from lora_pipeline.merge import merge_adapter
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
@@ -143,6 +149,10 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path |
         model = load_base_model(cfg.model, cfg.quant, device, quantize=False)
     else:
         model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(adapter_dir)).eval()
+    return _score(cfg, model, tokenizer, run_dir, label)
+
+
+def _score(cfg: PipelineConfig, model: Any, tokenizer: Any, run_dir: Path, label: str) -> dict[str, float]:
     metrics = evaluate_model(
         model, tokenizer, load_eval_suites(cfg),
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, max_length=cfg.data.max_length,
@@ -150,6 +160,57 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path |
     )
     write_metrics(metrics, run_dir / "eval" / f"{label}.json")
     return metrics
+
+
+def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run_key: str) -> dict[str, Any] | None:
+    """Score the registered ``champion`` on this run's suites, with the same function as the candidate.
+
+    Returns:
+        ``{"version", "run_key", "metrics"}``, or None when there is no champion yet or the champion
+        is this very training (same run key: comparing it with itself says nothing).
+    """
+    import shutil
+
+    from lora_pipeline.registry import CHAMPION_ALIAS, RUN_KEY_TAG, load_text_generation, mlflow_client, version_by_alias
+
+    name = cfg.registry.model_name
+    version = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)
+    if version is None:
+        return None
+    champion_key = mlflow_client(tracking_uri).get_model_version(name, version).tags.get(RUN_KEY_TAG, "")
+    if champion_key == run_key:
+        return {"version": version, "run_key": champion_key, "metrics": None}
+    download = run_dir / "champion_model"
+    download.mkdir(parents=True, exist_ok=True)
+    try:
+        pipe = load_text_generation(f"models:/{name}/{version}", tracking_uri, dst_dir=download)
+        metrics = _score(cfg, pipe.model, pipe.tokenizer, run_dir, "champion")
+    finally:  # a full model copy; the registry keeps the original
+        shutil.rmtree(download, ignore_errors=True)
+    return {"version": version, "run_key": champion_key, "metrics": metrics}
+
+
+def compare_models(run_dir: Path, results: dict[str, dict[str, float]]) -> dict[str, str]:
+    """Write the base / candidate / champion comparison as ``eval/comparison.json`` and ``comparison.png``."""
+    table_path = run_dir / "eval" / "comparison.json"
+    table_path.write_text(json.dumps(comparison_table(results), indent=2, sort_keys=True))
+    chart_path = write_comparison_chart(results, run_dir / "eval" / "comparison.png")
+    return {"table": str(table_path), "chart": str(chart_path)}
+
+
+def apply_aliases(cfg: PipelineConfig, tracking_uri: str, version: str, gate_passed: bool) -> dict[str, Any]:
+    """After registration: a passing version becomes ``candidate``, and ``champion`` with
+    ``registry.auto_promote``; a failing one gets no alias. Returns the model's aliases afterwards."""
+    from lora_pipeline import registry
+
+    name = cfg.registry.model_name
+    promoted = False
+    if gate_passed:
+        registry.set_candidate(tracking_uri, name, version)
+        if cfg.registry.auto_promote:
+            registry.promote(tracking_uri, name, version)
+            promoted = True
+    return {"aliases": registry.aliases(tracking_uri, name), "promoted": promoted}
 
 
 def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str,

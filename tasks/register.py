@@ -15,3 +15,10 @@ def register(cfg: PipelineConfig, merged_dir: str, adapter_dir: str, tracking_in
              run_key: str, tags: dict[str, str]) -> dict[str, Any]:
     """Register the merged model; returns name, version, model URI and whether it was newly created."""
     return stages.register(cfg, Path(merged_dir), Path(adapter_dir), tracking_info, run_key, tags)
+
+
+# Retried: setting aliases is idempotent.
+@task(name="apply_aliases", retries=3, retry_delay_seconds=[2, 5, 15])
+def apply_aliases(cfg: PipelineConfig, tracking_info: dict[str, str], version: str, gate_passed: bool) -> dict[str, Any]:
+    """``candidate`` for a version that passed the gate, and ``champion`` too with ``registry.auto_promote``."""
+    return stages.apply_aliases(cfg, tracking_info["tracking_uri"], version, gate_passed)

@@ -1,4 +1,4 @@
-"""Evaluation scoring: exact match against the final assistant turn, stop-at-EOS rate, perplexity."""
+"""Evaluation scoring: exact match, token F1, ROUGE-L, stop-at-EOS and repetition rates, perplexities."""
 
 import math
 
@@ -67,6 +67,60 @@ def test_evaluate_model_reports_every_suite(tokenizer, tiny_model_dir):
     suites = EvalSuites(task=[_row("repeat red cat", "red cat")], regression_qa=[_row("repeat owl", "owl")],
                         regression_text=["red cat"])
     metrics = evaluate_model(model, tokenizer, suites, max_new_tokens=4, batch_size=4, max_length=64)
-    assert set(metrics) == {"task_exact_match", "task_stop_rate", "task_n", "regression_exact_match",
-                            "regression_stop_rate", "regression_n", "regression_perplexity"}
+    per_suite = ("exact_match", "token_f1", "rouge_l", "stop_rate", "repetition_rate", "n")
+    assert set(metrics) == {f"{suite}_{key}" for suite in ("task", "regression") for key in per_suite} | {
+        "regression_perplexity", "task_perplexity"}
+    assert math.isfinite(metrics["task_perplexity"])
     assert math.isfinite(metrics["regression_perplexity"])
+
+
+def test_token_f1_rouge_l_and_repetition_rate():
+    from lora_pipeline.evaluation import repetition_rate, rouge_l, token_f1
+
+    assert token_f1("red cat", "red cat") == 1.0
+    assert token_f1("red dog", "red cat") == pytest.approx(0.5)
+    assert token_f1("", "red cat") == 0.0 and token_f1("", "") == 1.0
+    assert rouge_l("red blue cat", "red cat") == pytest.approx(2 * (2 / 3 * 1) / (2 / 3 + 1))
+    assert rouge_l("owl", "red cat") == 0.0
+    assert repetition_rate([1, 2, 3, 4]) == 0.0
+    assert repetition_rate([7, 7, 7, 7, 7, 7]) == pytest.approx(3 / 4)  # 4 trigrams, 1 distinct
+    assert repetition_rate([1, 2]) == 0.0
+
+
+def test_suite_reports_f1_rouge_and_repetition(tokenizer):
+    eos = tokenizer.eos_token_id
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = [_row("repeat red cat", "red cat"), _row("say owl", "owl")]
+    answers = [enc("red dog") + [eos], enc("owl owl owl owl owl owl")]
+    scores = score_generation_suite(ScriptedModel(tokenizer, answers), tokenizer, rows, max_new_tokens=40, batch_size=2)
+    assert scores["exact_match"] == 0.0
+    assert scores["token_f1"] == pytest.approx((0.5 + 2 * (1 / 6) / (1 / 6 + 1)) / 2)
+    assert 0 < scores["rouge_l"] < 1
+    from lora_pipeline.evaluation import repetition_rate
+
+    looping = repetition_rate(enc("owl owl owl owl owl owl"))
+    assert looping > 0.3 and scores["repetition_rate"] == pytest.approx(looping / 2)
+    assert scores["stop_rate"] == 0.5
+
+
+def test_answer_perplexity_of_uniform_model_is_vocab_size(tokenizer, tiny_model_dir):
+    from lora_pipeline.evaluation import answer_perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    rows = [_row("repeat red cat", "red cat"), _row("say a longer thing", "the quick brown fox")]
+    ppl = answer_perplexity(model, tokenizer, rows, batch_size=2, max_length=64)
+    assert ppl == pytest.approx(model.config.vocab_size, rel=1e-4)
+
+
+def test_comparison_table_and_chart(tmp_path):
+    from lora_pipeline.evaluation import comparison_table, write_comparison_chart
+
+    results = {"base": {"task_exact_match": 0.0, "regression_perplexity": 12.0},
+               "candidate": {"task_exact_match": 0.9, "regression_perplexity": 13.0, "task_perplexity": 2.0}}
+    assert comparison_table(results) == {"regression_perplexity": {"base": 12.0, "candidate": 13.0},
+                                         "task_exact_match": {"base": 0.0, "candidate": 0.9},
+                                         "task_perplexity": {"candidate": 2.0}}
+    chart = write_comparison_chart(results, tmp_path / "chart.png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,8 @@ import yaml
 from lora_pipeline.registry import load_text_generation
 from tests.conftest import chat_rows
 
-STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register"]
+STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register",
+          "apply_aliases"]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def small_config(tiny_model_dir, tmp_path_factory) -> Path:
                  "max_new_tokens": 6, "batch_size": 8},
         "lora": {"r": 4, "alpha": 8},
         "train": {"max_steps": 6, "warmup_steps": 1, "save_steps": 3, "logging_steps": 2, "per_device_batch_size": 8},
-        "gate": {"min_task_gain": 0.0, "max_regression": 1.0},
-        "registry": {"model_name": "e2e-tiny"},
+        # The tiny random model never stops at EOS: the stop-rate rule is exercised in test_gate.py.
+        "gate": {"min_task_gain": 0.0, "max_regression": 1.0, "min_stop_rate": 0.0},
+        "registry": {"model_name": "e2e-tiny", "auto_promote": True},
         "mlflow": {"system_metrics_interval": 0.5},
     }
     path = root / "config.yaml"
@@ -69,10 +71,13 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
         summary["eval"]["base"]) == set(summary["eval"]["candidate"])
     assert summary["gate"]["passed"] is True and summary["gate"]["reasons"]
     assert summary["registered_model"]["name"] == "e2e-tiny" and summary["registered_model"]["version"] == "1"
+    assert summary["champion"] == {}  # nothing registered before this run
+    assert summary["registry"] == {"aliases": {"candidate": "1", "champion": "1"}, "promoted": True}
+    assert "SKIP: no champion to compare with (none yet, or it is this same training)" in summary["gate"]["reasons"]
     run_dir = Path(summary["run_dir"])
     for produced in ["data/clean.jsonl", "data/quarantine.jsonl", "formatted/tokenized.jsonl", "adapter",
                      "eval/base.json", "eval/candidate.json", "merged/model.safetensors", "summary.json",
-                     "train/loss_curve.png"]:
+                     "train/loss_curve.png", "eval/comparison.json", "eval/comparison.png"]:
         assert (run_dir / produced).exists(), produced
     assert list(tmp_path.iterdir()) == [summary_path]
 
@@ -85,11 +90,33 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
     assert run.data.params["lora.r"] == "4"
     assert run.data.metrics["train_summary/trainable_params"] > 0 and run.data.metrics["train_summary/peak_memory_mb"] > 0
     assert "train/loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "train")}
+    assert {"comparison.png", "comparison.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.tags["gate_passed"] == "True" and run.data.tags["gate_reasons"].startswith("PASS: task gain")
+    version = client.get_model_version("e2e-tiny", "1")
+    assert version.tags["gate_reasons"] == run.data.tags["gate_reasons"]
 
     outputs = run_dir.parents[1]
     pipe = load_text_generation(summary["registered_model"]["model_uri"], f"sqlite:///{outputs / 'mlflow.db'}")
     answer = pipe([{"role": "user", "content": "repeat red cat"}], max_new_tokens=6)
     assert isinstance(answer[0]["generated_text"], list)
+
+
+def test_next_run_is_gated_against_the_champion_and_promoted(prefect_api, small_config, tmp_path, monkeypatch):
+    """A second training (other seed: another run key) is compared with champion version 1."""
+    from flows.finetune import finetune
+
+    monkeypatch.chdir(tmp_path)
+    # Full tolerance: the tiny model's scores are noise, this test is about the wiring.
+    summary = finetune(config_path=str(small_config), overrides=["train.seed=1", "gate.champion_tolerance=1.0"])
+    assert summary["champion"]["version"] == "1"
+    champion = summary["eval"]["champion"]
+    assert set(champion) == set(summary["eval"]["candidate"])
+    assert any(r.endswith("(allowed >= -1.000)") and "vs champion" in r for r in summary["gate"]["reasons"])
+    table = json.loads((Path(summary["run_dir"]) / "eval" / "comparison.json").read_text())
+    assert set(table["task_exact_match"]) == {"base", "candidate", "champion"}
+    assert summary["gate"]["passed"] is True
+    assert summary["registered_model"]["version"] == "2"
+    assert summary["registry"]["aliases"] == {"candidate": "2", "champion": "2", "previous": "1"}
 
 
 def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_path):

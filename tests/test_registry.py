@@ -162,3 +162,105 @@ def test_registration_that_lost_a_race_returns_the_winner(env, first, monkeypatc
     client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
     assert all(v.tags["run_key"] != "key-1" or str(v.version) == "1"
                for v in client.search_model_versions(f"name = '{NAME}'"))
+
+
+def test_duplicate_created_by_a_concurrent_registration_is_removed(env, first, monkeypatch):
+    """Both lookups missed (a true race): the newer version is deleted and the oldest returned."""
+    from lora_pipeline import registry
+
+    _register(env, "key-race", name="tiny-llama-race")  # the registration that won, version 1
+    real_find = registry.find_version_by_run_key
+    calls = []
+
+    def miss_two_lookups(*args):
+        calls.append(args)
+        return None if len(calls) <= 2 else real_find(*args)
+
+    monkeypatch.setattr(registry, "find_version_by_run_key", miss_two_lookups)
+    loser = _register(env, "key-race", name="tiny-llama-race")
+    assert (loser.version, loser.created, len(calls)) == ("1", False, 3)
+    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-llama-race'")] == ["1"]
+
+
+def _register_in_processes(env, name: str, run_keys: list[str], barrier) -> list[dict]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    barrier.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.register_concurrently", env["uri"], env["run_id"],
+         str(env["model"].path), name, key, str(barrier), str(len(run_keys))],
+        cwd=barrier, env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for key in run_keys]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def test_two_processes_registering_different_runs_get_distinct_correct_versions(env, tmp_path):
+    results = _register_in_processes(env, "tiny-llama-parallel", ["run-a", "run-b"], tmp_path / "barrier")
+    assert sorted(r["version"] for r in results) == ["1", "2"] and all(r["created"] for r in results)
+    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
+    for key, result in zip(["run-a", "run-b"], results, strict=True):
+        stored = client.get_model_version("tiny-llama-parallel", result["version"])
+        assert stored.tags["run_key"] == key and stored.tags["data_hash"] == key
+
+
+def test_two_processes_registering_one_run_get_one_version(env, tmp_path):
+    results = _register_in_processes(env, "tiny-llama-same-run", ["run-x", "run-x"], tmp_path / "barrier")
+    assert results[0]["version"] == results[1]["version"]
+    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
+    versions = client.search_model_versions("name = 'tiny-llama-same-run'")
+    assert [str(v.version) for v in versions if v.tags.get("run_key") == "run-x"] == [results[0]["version"]]
+
+
+def test_promote_then_rollback_restores_the_previous_champion(env):
+    from lora_pipeline import registry
+
+    name = "tiny-llama-aliases"
+    versions = [_register(env, f"alias-{i}", name=name).version for i in range(3)]
+    uri = env["uri"]
+    assert registry.version_by_alias(uri, name, "champion") is None
+    with pytest.raises(registry.PromotionError, match="nothing to roll back"):
+        registry.rollback(uri, name)
+    assert registry.promote(uri, name, versions[0]) == {"champion": versions[0], "previous": None}
+    assert registry.promote(uri, name, versions[1]) == {"champion": versions[1], "previous": versions[0]}
+    assert registry.promote(uri, name, versions[1])["previous"] == versions[0]  # again: no change
+    registry.promote(uri, name, versions[2])
+    assert registry.aliases(uri, name) == {"champion": versions[2], "previous": versions[1]}
+
+    assert registry.rollback(uri, name) == {"champion": versions[1], "previous": versions[0],
+                                            "rolled_back": versions[2]}
+    assert registry.aliases(uri, name) == {"champion": versions[1], "previous": versions[0]}
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert client.get_model_version(name, versions[2]).tags["rolled_back"] == "true"
+    registry.rollback(uri, name)  # one more step back: the chain ends there
+    assert registry.aliases(uri, name) == {"champion": versions[0]}
+    with pytest.raises(registry.PromotionError):
+        registry.rollback(uri, name)
+    with pytest.raises(registry.PromotionError, match="no version 99"):
+        registry.promote(uri, name, "99")
+
+
+def test_cli_promote_and_rollback(env, capsys):
+    import json
+
+    from lora_pipeline.cli import main
+
+    name = "tiny-llama-cli"
+    first, second = (_register(env, f"cli-{i}", name=name).version for i in range(2))
+    tracking = [f"--set=mlflow.tracking_uri={env['uri']}"]
+    assert main(["promote", name, first, *tracking]) == 0
+    assert main(["promote", name, second, *tracking]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n}\n")[-2] + "\n}")["aliases"] == {
+        "champion": second, "previous": first}
+    assert main(["rollback", name, *tracking]) == 0
+    assert json.loads(capsys.readouterr().out)["aliases"] == {"champion": first}
+    assert main(["rollback", name, *tracking]) == 1
+    assert "nothing to roll back" in capsys.readouterr().err

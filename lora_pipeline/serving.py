@@ -1,0 +1,161 @@
+"""OpenAI-compatible HTTP serving of a registered model (``lora-pipeline serve NAME@ALIAS``).
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's own chat template is
+applied, as in training and evaluation) and ``GET /health``. Made for CPU smoke tests, demos and
+small internal services; for GPU serving at scale use vLLM (see ``deployments/README.md``). The
+model is loaded once from the MLflow registry (transformers flavor); generation runs one request at
+a time, greedy when ``temperature`` is 0, and stops at the EOS ids of its generation config.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+#: Generation budget when a request does not say (OpenAI's completions default is 16).
+DEFAULT_MAX_TOKENS = 64
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _SamplingRequest(BaseModel):
+    model: str | None = None
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextGenerator:
+    """A causal LM and its tokenizer behind a lock: prompt ids in, decoded text and finish reason out."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        self._lock = threading.Lock()  # one generate() at a time: the model is shared
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)
+        return list(encoded["input_ids"])
+
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], request: _SamplingRequest) -> GenerationResult:
+        """Continue ``prompt_ids``; ``finish_reason`` is ``stop`` when an EOS id ended the answer."""
+        device = next(self.model.parameters()).device
+        sampling = request.temperature > 0
+        options: dict[str, Any] = {"do_sample": sampling}
+        if sampling:
+            options.update(temperature=request.temperature, top_p=request.top_p)
+        with self._lock:
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            output = self.model.generate(
+                input_ids=torch.tensor([prompt_ids], device=device),
+                attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long, device=device),
+                max_new_tokens=request.max_tokens, eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.tokenizer.pad_token_id, **options,
+            )
+        new_tokens = output[0, len(prompt_ids):].tolist()
+        stop_at = next((i for i, token in enumerate(new_tokens) if token in self.eos_ids), None)
+        answer = new_tokens if stop_at is None else new_tokens[:stop_at]
+        return GenerationResult(
+            text=self.tokenizer.decode(answer, skip_special_tokens=True),
+            finish_reason="length" if stop_at is None else "stop",
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(answer) + (stop_at is not None),
+        )
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | None = None) -> Any:
+    """The FastAPI app serving ``generator`` under ``model_name`` (what ``/v1/models`` and replies report)."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="lora-pipeline model server", version="1")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **(info or {})}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "lora-pipeline"}]}
+
+    @app.post("/v1/completions")
+    def completions(request: CompletionRequest) -> dict[str, Any]:
+        result = generator.generate(generator.text_prompt_ids(request.prompt), request)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name, "usage": _usage(result),
+                "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
+                             "logprobs": None}]}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(request: ChatCompletionRequest) -> dict[str, Any]:
+        messages = [message.model_dump() for message in request.messages]
+        result = generator.generate(generator.chat_prompt_ids(messages), request)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name, "usage": _usage(result),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "finish_reason": result.finish_reason}]}
+
+    return app
+
+
+def parse_model_reference(reference: str) -> tuple[str, str]:
+    """``NAME@ALIAS`` -> (name, alias).
+
+    Raises:
+        ValueError: neither form.
+    """
+    name, sep, alias = reference.partition("@")
+    if sep and name and alias:
+        return name, alias
+    raise ValueError(f"expected NAME@ALIAS (e.g. my-model@champion), got {reference!r}")
+
+
+def load_registered_generator(tracking_uri: str, reference: str) -> tuple[TextGenerator, dict[str, str]]:
+    """Load ``NAME@ALIAS`` from the registry; returns the generator and what was loaded (name, alias, version)."""
+    from lora_pipeline.registry import load_text_generation, version_by_alias
+
+    name, alias = parse_model_reference(reference)
+    version = version_by_alias(tracking_uri, name, alias)
+    if version is None:
+        raise LookupError(f"registered model {name!r} has no alias {alias!r} in {tracking_uri}")
+    # By version, not alias: the alias may move while this server runs; it keeps serving what it loaded.
+    pipe = load_text_generation(f"models:/{name}/{version}", tracking_uri)
+    return TextGenerator(pipe.model, pipe.tokenizer), {"name": name, "alias": alias, "version": version}
