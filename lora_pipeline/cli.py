@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "promote", help="move the champion alias to a version (the old champion becomes 'previous')")
     promote.add_argument("name", help="registered model name")
     promote.add_argument("version", help="version number to serve")
+    promote.add_argument("--force", action="store_true", help="promote even a version that failed the gate")
     _add_config_args(promote)
     rollback = commands.add_parser("rollback", help="make the previous champion the champion again")
     rollback.add_argument("name", help="registered model name")
@@ -99,7 +100,7 @@ def _aliases(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     uri = _tracking_uri(cfg)
     try:
         if args.command == "promote":
-            result = registry.promote(uri, args.name, args.version)
+            result = registry.promote(uri, args.name, args.version, force=args.force)
         else:
             result = registry.rollback(uri, args.name)
     except registry.PromotionError as exc:

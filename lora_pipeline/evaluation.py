@@ -248,7 +248,7 @@ def write_comparison_chart(results: dict[str, dict[str, float]], path: Path) -> 
         axis.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(keys))])
         axis.set_xticklabels([key.replace("_", "\n", 1) for key in keys], fontsize=8)
     rates_axis.set_ylim(0, 1.05)
-    rates_axis.set_title("quality and generation health (higher is better, but repetition)")
+    rates_axis.set_title("quality and generation health (higher is better, except repetition)")
     ppl_axis.set_yscale("log")
     ppl_axis.set_title("perplexity (lower is better)")
     rates_axis.legend()

@@ -294,22 +294,26 @@ def set_candidate(tracking_uri: str, name: str, version: str) -> None:
     mlflow_client(tracking_uri).set_registered_model_alias(name, CANDIDATE_ALIAS, version)
 
 
-def promote(tracking_uri: str, name: str, version: str) -> dict[str, str | None]:
+def promote(tracking_uri: str, name: str, version: str, *, force: bool = False) -> dict[str, str | None]:
     """Move ``champion`` to ``version``; the old champion becomes ``previous`` (one-command rollback).
 
-    Promoting the current champion again changes nothing.
+    Promoting the current champion again changes nothing. A version whose gate failed (tag
+    ``gate_passed`` = ``False``) is only promoted with ``force``.
 
     Returns:
         ``{"champion": version, "previous": old champion or None}``.
 
     Raises:
-        PromotionError: the version does not exist.
+        PromotionError: the version does not exist, or failed the gate and ``force`` is not set.
     """
     client = mlflow_client(tracking_uri)
     try:
-        client.get_model_version(name, version)
+        model_version = client.get_model_version(name, version)
     except MlflowException as exc:
         raise PromotionError(f"{name} has no version {version}") from exc
+    if model_version.tags.get("gate_passed") == "False" and not force:
+        raise PromotionError(f"{name} version {version} failed the gate ({model_version.tags.get('gate_reasons', '')}); "
+                             "promote it anyway with force (CLI: --force)")
     current = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)
     if current == str(version):
         return {"champion": str(version), "previous": version_by_alias(tracking_uri, name, PREVIOUS_ALIAS)}

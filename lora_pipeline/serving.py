@@ -130,7 +130,8 @@ def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | 
         result = generator.generate(generator.chat_prompt_ids(messages), request)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                # lstrip: SentencePiece-style tokenizers decode the first answer token with its prefix space.
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text.lstrip()},
                              "finish_reason": result.finish_reason}]}
 
     return app

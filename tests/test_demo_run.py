@@ -2,7 +2,8 @@
 
 This is the slowest test (the demo world is built from scratch, ~5 minutes on 2 cores); it checks
 the demo's promises: the base model knows its regression skills and not the task, the candidate
-learns the task without forgetting, and the registered model answers and stops at EOS.
+learns the task without forgetting, the registered model answers and stops at EOS, an over-trained
+candidate that forgets is rejected by the gate, and `serve` answers for the champion.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
-def _run_demo(output_dir: Path, summary: Path, cwd: Path) -> subprocess.CompletedProcess:
+def _run_demo(output_dir: Path, summary: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "lora_pipeline.cli", "run", "--config", str(DEMO_CONFIG),
-               "--set", f"output_dir={output_dir}", "--summary-json", str(summary)]
+               "--set", f"output_dir={output_dir}", "--summary-json", str(summary), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
@@ -90,3 +91,84 @@ def test_registered_model_answers_a_held_out_task_prompt_and_stops(demo):
     assert tokenizer.eos_token_id in new_tokens and new_tokens.index(tokenizer.eos_token_id) < max_new_tokens - 1
     answer = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
     assert " ".join(tokenizer.decode(answer, skip_special_tokens=True).split()) == expected
+
+
+@pytest.fixture(scope="module")
+def overtrained(demo):
+    """A third run on the same world with a 10x learning rate: it learns the task and forgets skills."""
+    root, cwd, _ = demo
+    summary_path = root / "overtrained.json"
+    proc = _run_demo(root / "outputs", summary_path, cwd, "--set", "train.learning_rate=1e-2")
+    assert proc.returncode == 0, f"over-trained run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(summary_path.read_text())
+
+
+def test_gate_rejects_an_overtrained_candidate_that_forgets(demo, overtrained):
+    root, _, (first, _) = demo
+    candidate = overtrained["eval"]["candidate"]
+    assert candidate["task_exact_match"] >= 0.8  # it did learn the task...
+    assert overtrained["eval"]["base"]["regression_exact_match"] - candidate["regression_exact_match"] > 0.1
+    assert overtrained["gate"]["passed"] is False
+    assert any(r.startswith("FAIL: regression drop") for r in overtrained["gate"]["reasons"])
+    # Compared with the serving champion (the demo candidate, version 1) too, on the same suites.
+    assert overtrained["champion"]["version"] == "1"
+    assert any(r.startswith("FAIL: regression_exact_match vs champion") for r in overtrained["gate"]["reasons"])
+    # Its record is complete (version 2 with the decision in its tags) but it gets no alias.
+    assert overtrained["registered_model"]["version"] == "2"
+    assert overtrained["registry"] == {"aliases": {"candidate": "1", "champion": "1"}, "promoted": False}
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+    tags = client.get_model_version("lora-pipeline-demo", "2").tags
+    assert tags["gate_passed"] == "False" and "FAIL: regression drop" in tags["gate_reasons"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(method: str, url: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_serve_answers_a_chat_request_for_the_champion_and_stops(demo, overtrained):
+    """`lora-pipeline serve lora-pipeline-demo@champion` as a user starts it, queried over HTTP."""
+    import time
+
+    root, cwd, _ = demo
+    world = next((root / "outputs" / "cache" / "demo-world").iterdir())
+    row = json.loads((world / "data" / "eval.jsonl").read_text().splitlines()[0])
+    port = _free_port()
+    command = [sys.executable, "-m", "lora_pipeline.cli", "serve", "lora-pipeline-demo@champion", "--port", str(port),
+               "--config", str(DEMO_CONFIG), "--set", f"output_dir={root / 'outputs'}"]
+    server = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                health = _http("GET", f"http://127.0.0.1:{port}/health")
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
+                time.sleep(1)
+        # The champion is still version 1: the over-trained version 2 failed the gate.
+        assert health == {"status": "ok", "model": "lora-pipeline-demo@champion", "name": "lora-pipeline-demo",
+                          "alias": "champion", "version": "1"}
+        reply = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                      {"messages": row["messages"][:-1], "max_tokens": 32})
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "stop"  # ended at EOS, within the budget
+        assert " ".join(choice["message"]["content"].split()) == row["messages"][-1]["content"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -264,3 +264,15 @@ def test_cli_promote_and_rollback(env, capsys):
     assert json.loads(capsys.readouterr().out)["aliases"] == {"champion": first}
     assert main(["rollback", name, *tracking]) == 1
     assert "nothing to roll back" in capsys.readouterr().err
+
+
+def test_a_version_that_failed_the_gate_is_promoted_only_with_force(env):
+    from lora_pipeline import registry
+
+    name = "tiny-llama-gated"
+    version = _register(env, "gated-1", name=name, tags={**LINEAGE, "gate_passed": "False",
+                                                        "gate_reasons": "FAIL: regression drop +0.250"}).version
+    with pytest.raises(registry.PromotionError, match="failed the gate .*regression drop"):
+        registry.promote(env["uri"], name, version)
+    assert registry.version_by_alias(env["uri"], name, "champion") is None
+    assert registry.promote(env["uri"], name, version, force=True)["champion"] == version
