@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -213,7 +214,10 @@ def main() -> None:
         return
 
     work = (args.out / "training").resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    # A fresh directory per run: the training stage would otherwise reuse the previous run's finished
+    # checkpoints (same config and data) and measure nothing.
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     model_dir, data = build_assets(work, args.hidden, args.layers, n_rows=2000)
     steps = str(args.steps)
     runs = {

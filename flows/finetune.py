@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger, runtime
 from lora_pipeline.config import load_config
 from lora_pipeline.gate import gate_candidate
 from lora_pipeline.summary import RunSummary, new_run_dir
-from lora_pipeline.tracking import mask_secrets
+from lora_pipeline.tracking import code_version, mask_secrets
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
 from tasks.evaluate import compare_models, evaluate, evaluate_champion
@@ -94,7 +94,7 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
         lineage = {
             "run_key": run_key, "config_hash": cfg.config_hash(), "data_hash": data["data_hash"],
             "base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision or "",
-            "flow_run_id": flow_run_id, "gate_passed": str(decision.passed),
+            "flow_run_id": flow_run_id, "git_commit": code_version(), "gate_passed": str(decision.passed),
             "gate_reasons": "; ".join(decision.reasons),
             **{f"eval.{name}.{k}": f"{v:.4f}" for name, m in summary.results["eval"].items() for k, v in m.items()},
         }

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_pipeline.demo_world import DemoWorldSpec
 
@@ -139,6 +139,19 @@ class EvalConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
     regression_qa_path: str | None = Field(BUILTIN_DEMO, description="Q/A the base already answers.")
     regression_text_path: str | None = Field(BUILTIN_DEMO, description="General text for perplexity.")
+    suites: list[str] = Field(
+        ["task", "regression"], description="Suites to score: `task` (held-out task rows), `regression` (the "
+        "base's skills and general text), and optional `lm_eval:<task>` lm-evaluation-harness tasks (skipped with "
+        "a message when the package or the task's data is unavailable).")
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, suites: list[str]) -> list[str]:
+        unknown = [s for s in suites if s not in ("task", "regression") and not
+                   (s.startswith("lm_eval:") and len(s) > len("lm_eval:"))]
+        if unknown:
+            raise ValueError(f"unknown eval suites {unknown}: use task, regression or lm_eval:<task name>")
+        return suites
 
 
 class GateConfig(_Strict):

@@ -26,6 +26,9 @@ class EvalSuites:
     task: list[dict[str, Any]]
     regression_qa: list[dict[str, Any]]
     regression_text: list[str]
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names (optional package)
+    lm_eval_limit: int | None = None  # examples per lm-eval task
+    score_task: bool = True  # False: the task rows are kept (for merge parity) but not scored
 
 
 def normalize_answer(text: str) -> str:
@@ -182,26 +185,58 @@ def answer_perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]]
     return math.exp(total_nll / max(total_tokens, 1))
 
 
+def run_lm_eval_task(model: Any, tokenizer: Any, task: str, batch_size: int,
+                     limit: int | None) -> tuple[dict[str, float], str | None]:
+    """One lm-evaluation-harness task on the in-memory model: ``(metrics, None)`` or ``({}, why skipped)``.
+
+    Optional: skipped with a message when the package is not installed or the task's data cannot be
+    loaded (offline, no cached dataset). Metric names are ``lm_eval_<task>_<metric>`` (e.g. ``acc``).
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return {}, (f"lm_eval:{task} skipped: lm-evaluation-harness is not installed "
+                    "(pip install 'lora-pipeline[lm-eval]')")
+    try:
+        results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                                  tasks=[task], limit=limit)
+    except Exception as exc:  # noqa: BLE001 - an optional suite must not fail the run (e.g. no data offline)
+        return {}, f"lm_eval:{task} skipped: {type(exc).__name__}: {exc}"
+    metrics = {}
+    for name, value in results["results"].get(task, {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics[f"lm_eval_{task}_{name.split(',')[0]}"] = float(value)  # "acc,none" -> "acc"
+    return metrics, None
+
+
 def evaluate_model(
     model: Any, tokenizer: Any, suites: EvalSuites, *, max_new_tokens: int, batch_size: int, max_length: int,
-    generations_path: Path | None = None,
+    generations_path: Path | None = None, skipped: list[str] | None = None,
 ) -> dict[str, float]:
     """Score one model on every suite; flat metric names (``task_exact_match``, ...).
 
     Args:
         generations_path: if given, every generated answer is written there as JSONL (with its suite).
+        skipped: if given, receives one message per optional suite that could not run.
     """
     metrics: dict[str, float] = {}
     records: dict[str, list[dict[str, Any]]] = {}
-    for name, rows in (("task", suites.task), ("regression", suites.regression_qa)):
+    task_rows = suites.task if suites.score_task else []
+    for name, rows in (("task", task_rows), ("regression", suites.regression_qa)):
         records[name] = []
         scores = score_generation_suite(model, tokenizer, rows, max_new_tokens, batch_size, records[name])
         for key, value in scores.items():
             metrics[f"{name}_{key}"] = value
-    if suites.task:
-        metrics["task_perplexity"] = answer_perplexity(model, tokenizer, suites.task, batch_size, max_length)
+    if task_rows:
+        metrics["task_perplexity"] = answer_perplexity(model, tokenizer, task_rows, batch_size, max_length)
     if suites.regression_text:
         metrics["regression_perplexity"] = perplexity(model, tokenizer, suites.regression_text, batch_size, max_length)
+    for task in suites.lm_eval_tasks:
+        task_metrics, reason = run_lm_eval_task(model, tokenizer, task, batch_size, suites.lm_eval_limit)
+        metrics.update(task_metrics)
+        if reason is not None and skipped is not None:
+            skipped.append(reason)
     if generations_path is not None:
         generations_path.parent.mkdir(parents=True, exist_ok=True)
         with generations_path.open("w", encoding="utf-8") as handle:

@@ -130,12 +130,17 @@ def format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict
 
 def load_eval_suites(cfg: PipelineConfig) -> EvalSuites:
     """Held-out task rows, regression Q/A and regression text, each capped at ``eval.max_samples``."""
-    limit = cfg.eval.max_samples
+    limit, suites = cfg.eval.max_samples, cfg.eval.suites
     task = read_messages(cfg.data.eval_path, cfg.data.format)[:limit] if cfg.data.eval_path else []
     qa_path, text_path = cfg.eval.regression_qa_path, cfg.eval.regression_text_path
-    qa = read_messages(qa_path, "messages")[:limit] if qa_path else []
-    text = [row["text"] for row in read_messages(text_path, "text")[:limit]] if text_path else []
-    return EvalSuites(task=task, regression_qa=qa, regression_text=text)
+    with_regression = "regression" in suites
+    qa = read_messages(qa_path, "messages")[:limit] if qa_path and with_regression else []
+    text = [row["text"] for row in read_messages(text_path, "text")[:limit]] if text_path and with_regression else []
+    lm_eval_tasks = tuple(s.removeprefix("lm_eval:") for s in suites if s.startswith("lm_eval:"))
+    # The task rows are loaded even without the `task` suite: merge parity and the registry's input
+    # example use them. Scoring them is what the suite switches.
+    return EvalSuites(task=task, regression_qa=qa, regression_text=text, lm_eval_tasks=lm_eval_tasks,
+                      lm_eval_limit=limit, score_task="task" in suites)
 
 
 def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path | None = None) -> dict[str, float]:
@@ -153,12 +158,17 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path |
 
 
 def _score(cfg: PipelineConfig, model: Any, tokenizer: Any, run_dir: Path, label: str) -> dict[str, float]:
+    skipped: list[str] = []
     metrics = evaluate_model(
         model, tokenizer, load_eval_suites(cfg),
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, max_length=cfg.data.max_length,
-        generations_path=run_dir / "eval" / f"{label}_generations.jsonl",
+        generations_path=run_dir / "eval" / f"{label}_generations.jsonl", skipped=skipped,
     )
     write_metrics(metrics, run_dir / "eval" / f"{label}.json")
+    for reason in skipped:
+        logger.warning("%s: %s", label, reason)
+    if skipped:
+        (run_dir / "eval" / f"{label}_skipped.json").write_text(json.dumps(skipped, indent=2))
     return metrics
 
 

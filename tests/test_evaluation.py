@@ -124,3 +124,33 @@ def test_comparison_table_and_chart(tmp_path):
                                          "task_perplexity": {"candidate": 2.0}}
     chart = write_comparison_chart(results, tmp_path / "chart.png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lm_eval_suite_is_skipped_with_a_message_when_unavailable(tokenizer, tiny_model_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as on a machine without lm-evaluation-harness
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    suites = EvalSuites(task=[_row("repeat red cat", "red cat")], regression_qa=[], regression_text=[],
+                        lm_eval_tasks=("hellaswag",), lm_eval_limit=10)
+    skipped: list[str] = []
+    metrics = evaluate_model(model, tokenizer, suites, max_new_tokens=4, batch_size=4, max_length=64, skipped=skipped)
+    assert skipped == ["lm_eval:hellaswag skipped: lm-evaluation-harness is not installed "
+                       "(pip install 'lora-pipeline[lm-eval]')"]
+    assert "task_exact_match" in metrics and not any(k.startswith("lm_eval") for k in metrics)
+
+
+def test_eval_suites_are_configurable(tmp_path):
+    from lora_pipeline.config import ConfigError, load_config
+    from lora_pipeline.stages import load_eval_suites
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    base = [f"data.eval_path={rows}", f"eval.regression_qa_path={rows}", "eval.regression_text_path=null"]
+    suites = load_eval_suites(load_config(None, [*base, "eval.suites=[task, 'lm_eval:arc_easy']"]))
+    assert (suites.score_task, suites.regression_qa, suites.lm_eval_tasks) == (True, [], ("arc_easy",))
+    assert len(suites.task) == 1
+    only_regression = load_eval_suites(load_config(None, [*base, "eval.suites=[regression]"]))
+    assert not only_regression.score_task and len(only_regression.regression_qa) == 1
+    with pytest.raises(ConfigError, match="unknown eval suites"):
+        load_config(None, ["eval.suites=[tsk]"])

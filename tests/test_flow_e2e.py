@@ -94,6 +94,8 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
     assert run.data.tags["gate_passed"] == "True" and run.data.tags["gate_reasons"].startswith("PASS: task gain")
     version = client.get_model_version("e2e-tiny", "1")
     assert version.tags["gate_reasons"] == run.data.tags["gate_reasons"]
+    assert len(version.tags["git_commit"].removesuffix("+dirty")) == 40  # this checkout's commit
+    assert {"data_hash", "config_hash", "base_model", "flow_run_id", "eval.candidate.task_exact_match"} <= set(version.tags)
 
     outputs = run_dir.parents[1]
     pipe = load_text_generation(summary["registered_model"]["model_uri"], f"sqlite:///{outputs / 'mlflow.db'}")

@@ -153,3 +153,20 @@ def test_fluent_tracking_uri_restores_global_state(store, monkeypatch):
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://user-choice:5000"
     assert mlflow.get_tracking_uri() == "http://user-choice:5000"
     assert "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_code_version_is_the_git_commit_or_unknown(tmp_path):
+    import subprocess
+
+    from lora_pipeline.tracking import code_version
+
+    assert code_version(tmp_path) == "unknown"  # not a git checkout
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("1")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert code_version(tmp_path) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert code_version(tmp_path) == f"{head}+dirty"
