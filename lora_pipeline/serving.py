@@ -33,6 +33,8 @@ class _SamplingRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    # Refused when true (see build_app): an OpenAI client asking to stream would wait for events forever.
+    stream: bool = False
 
 
 class CompletionRequest(_SamplingRequest):
@@ -104,9 +106,14 @@ def _usage(result: GenerationResult) -> dict[str, int]:
 
 def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | None = None) -> Any:
     """The FastAPI app serving ``generator`` under ``model_name`` (what ``/v1/models`` and replies report)."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI, HTTPException
 
     app = FastAPI(title="lora-pipeline model server", version="1")
+
+    def refuse_streaming(request: _SamplingRequest) -> None:
+        if request.stream:
+            raise HTTPException(status_code=400, detail="stream=true is not supported by this server; "
+                                "send stream=false (or serve with vLLM for streaming)")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -118,6 +125,7 @@ def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | 
 
     @app.post("/v1/completions")
     def completions(request: CompletionRequest) -> dict[str, Any]:
+        refuse_streaming(request)
         result = generator.generate(generator.text_prompt_ids(request.prompt), request)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
@@ -126,6 +134,7 @@ def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | 
 
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatCompletionRequest) -> dict[str, Any]:
+        refuse_streaming(request)
         messages = [message.model_dump() for message in request.messages]
         result = generator.generate(generator.chat_prompt_ids(messages), request)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),

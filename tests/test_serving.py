@@ -77,6 +77,9 @@ def test_health_models_and_bad_requests(tokenizer):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny@champion"
     assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 422
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}).status_code == 422
+    streamed = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                          "stream": True})
+    assert streamed.status_code == 400 and "stream=true is not supported" in streamed.json()["detail"]
 
 
 def test_model_reference_must_name_an_alias():
