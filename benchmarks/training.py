@@ -231,7 +231,7 @@ def main() -> None:
     pipeline, packed = runs["pipeline"], runs["pipeline_packed"]
 
     def flop_utilisation(run: dict) -> float:
-        flops_per_token = 4 * (run["n_params"]) + 6 * run["lora_params"]
+        flops_per_token = 4 * run["n_params"] + 6 * run["lora_params"]
         return round(flops_per_token * run["tokens_per_second"] / 1e9 / runs["matmul_peak"]["gflops"], 4)
     results = {
         "model": {"hidden": args.hidden, "layers": args.layers, "params": pipeline["n_params"], "steps": args.steps,

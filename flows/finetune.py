@@ -91,11 +91,12 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
         with summary.stage("merge"):
             merged = merge(cfg, trained["adapter_dir"], str(run_dir))
             summary.results["merge"] = merged
+        gate_reasons = "; ".join(decision.reasons)
         lineage = {
             "run_key": run_key, "config_hash": cfg.config_hash(), "data_hash": data["data_hash"],
             "base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision or "",
             "flow_run_id": flow_run_id, "git_commit": code_version(), "gate_passed": str(decision.passed),
-            "gate_reasons": "; ".join(decision.reasons),
+            "gate_reasons": gate_reasons,
             **{f"eval.{name}.{k}": f"{v:.4f}" for name, m in summary.results["eval"].items() for k, v in m.items()},
         }
         with summary.stage("register"):
@@ -104,7 +105,7 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
         with summary.stage("apply_aliases"):
             summary.results["registry"] = apply_aliases(cfg, tracking_info, registered["version"], decision.passed)
         log_results(tracking_info, _final_metrics(summary.results), {"gate_passed": str(decision.passed),
-                    "gate_reasons": "; ".join(decision.reasons)}, str(run_dir / "eval"))
+                    "gate_reasons": gate_reasons}, str(run_dir / "eval"))
         summary.status = "completed"
         return summary.to_dict()
     finally:

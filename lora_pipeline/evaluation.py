@@ -141,41 +141,24 @@ def score_generation_suite(
 
 
 @torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int) -> float:
-    """Token-level perplexity of ``texts`` (mean negative log-likelihood over every predicted token)."""
+def _labelled_perplexity(model: Any, samples: Sequence[tuple[list[int], list[int]]], pad_token_id: int,
+                         batch_size: int) -> float:
+    """exp(mean NLL) of every labelled next token over ``(input_ids, labels)`` samples.
+
+    Batches are right-padded, so every sample keeps positions 0..n-1 as in training.
+    """
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[start : start + batch_size]]
-        batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-        input_ids = batch["input_ids"].to(device)
-        attention = batch["attention_mask"].to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        targets = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += int((targets != -100).sum())
-    return math.exp(total_nll / max(total_tokens, 1))
-
-
-@torch.no_grad()
-def answer_perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int,
-                      max_length: int) -> float:
-    """Perplexity of the reference answers given their prompts (assistant tokens and their EOS only)."""
-    device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        samples = [tokenize_conversation(tokenizer, row["messages"], max_length) for row in rows[start : start + batch_size]]
-        width = max(len(sample.input_ids) for sample in samples)
-        input_ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(samples), width), dtype=torch.long)
-        for i, sample in enumerate(samples):  # right padding: positions stay 0..n-1
-            input_ids[i, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
-            labels[i, : len(sample.labels)] = torch.tensor(sample.labels)
-            attention[i, : len(sample.input_ids)] = 1
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (ids, sample_labels) in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(sample_labels)] = torch.tensor(sample_labels)
+            attention[i, : len(ids)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
         targets = labels[:, 1:].to(device)
         total_nll += torch.nn.functional.cross_entropy(
@@ -183,6 +166,20 @@ def answer_perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]]
             reduction="sum").item()
         total_tokens += int((targets != IGNORE_INDEX).sum())
     return math.exp(total_nll / max(total_tokens, 1))
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int) -> float:
+    """Token-level perplexity of ``texts`` (mean negative log-likelihood over every predicted token)."""
+    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    return _labelled_perplexity(model, [(ids, ids) for ids in encoded], tokenizer.pad_token_id, batch_size)
+
+
+def answer_perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int,
+                      max_length: int) -> float:
+    """Perplexity of the reference answers given their prompts (assistant tokens and their EOS only)."""
+    samples = [tokenize_conversation(tokenizer, row["messages"], max_length) for row in rows]
+    return _labelled_perplexity(model, [(s.input_ids, s.labels) for s in samples], tokenizer.pad_token_id,
+                                batch_size)
 
 
 def run_lm_eval_task(model: Any, tokenizer: Any, task: str, batch_size: int,

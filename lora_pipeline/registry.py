@@ -345,9 +345,11 @@ def rollback(tracking_uri: str, name: str) -> dict[str, str | None]:
     client.set_registered_model_alias(name, CHAMPION_ALIAS, restored)
     client.set_model_version_tag(name, current, "rolled_back", "true")
     before = client.get_model_version(name, restored).tags.get(PREVIOUS_CHAMPION_TAG)
-    if before and before != current:
+    if before == current:  # it replaced the version being rolled back: the chain ends here
+        before = None
+    if before:
         client.set_registered_model_alias(name, PREVIOUS_ALIAS, before)
     else:
         client.delete_registered_model_alias(name, PREVIOUS_ALIAS)
     logger.info("rolled %s back from version %s to %s", name, current, restored)
-    return {"champion": restored, "previous": before if before and before != current else None, "rolled_back": current}
+    return {"champion": restored, "previous": before or None, "rolled_back": current}

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
+from lora_pipeline.formatting import encode_generation_prompt
+
 #: Generation budget when a request does not say (OpenAI's completions default is 16).
 DEFAULT_MAX_TOKENS = 64
 
@@ -64,9 +66,7 @@ class TextGenerator:
         self._lock = threading.Lock()  # one generate() at a time: the model is shared
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)
-        return list(encoded["input_ids"])
+        return encode_generation_prompt(self.tokenizer, messages)  # exactly as evaluation prompts
 
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
