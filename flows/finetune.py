@@ -7,8 +7,10 @@ import logging
 from prefect import flow, get_run_logger, runtime
 
 from lora_pipeline.config import load_config
-from lora_pipeline.gate import gate_candidate
-from lora_pipeline.summary import RunSummary, new_run_dir
+from lora_pipeline.evaluate_stage import BASE, CANDIDATE, CHAMPION, FULL_PRECISION_BASE, describe_suites
+from lora_pipeline.gate import gate_candidate, resolve_task_metric
+from lora_pipeline.stages import registration_store
+from lora_pipeline.summary import RunSummary, final_metrics, lineage_tags, new_run_dir
 from lora_pipeline.tracking import code_version, mask_secrets
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
@@ -24,18 +26,22 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
     """Validate, format, QLoRA-train, evaluate, gate, merge and register one model.
 
     Steps:
-        1. resolve_assets  - locate the base model and data (build the offline demo world if asked)
+        1. resolve_assets  - locate the base model and data (build the offline demo world, de-quantise a
+                             GGUF base, once) and fingerprint the base weights
         2. open_tracking_run - one MLflow run for the whole pipeline run, config logged as params
-        3. validate_data   - clean + quarantine rows, token checks, Great Expectations suite (report and
-                             Data Docs logged to MLflow); stops the run on failure
-        4. format_prompts  - chat template, assistant-only labels, EOS-unmasked proof
-        5. train_qlora     - 4-bit base + LoRA adapter with TRL's SFTTrainer
-        6. evaluate        - the same evaluation on the base model, the candidate and the registry's
-                             current champion; comparison table and bar chart
+        3. validate_data   - clean + quarantine rows, token checks on the model's own chat template, Great
+                             Expectations suite (report and Data Docs logged to MLflow), held-out eval split;
+                             stops the run on failure
+        4. format_prompts  - chat template, answer-only labels, every answer ends in a trained stop token
+        5. train_qlora     - 4-bit base + LoRA adapter with TRL's SFTTrainer (resumes by run key)
+        6. evaluate        - the same evaluation on the quantised base, the full-precision base, the
+                             candidate and the registry's current champion; comparison table and chart
         7. gate            - pure decision: task gain, regression tolerance, stop rate, not worse than
                              the champion; every reason logged, in the summary and as MLflow tags
-        8. merge           - adapter into the de-quantised base, logit parity checked
-        9. register        - MLflow model registry version with lineage tags (idempotent per run key)
+        8. merge           - adapter into the de-quantised base, logit parity checked (only for a version
+                             registered merged: it passed the gate and registry.store is merged)
+        9. register        - MLflow model registry version, merged or adapter + base reference, with
+                             lineage tags (idempotent per run key)
        10. apply_aliases   - a passing version becomes `candidate` (and `champion` with
                              registry.auto_promote; the old champion becomes `previous`)
 
@@ -57,7 +63,8 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
     logger.info("run directory: %s", run_dir)
     try:
         with summary.stage("resolve_assets"):
-            cfg = resolve_assets(cfg)
+            assets = resolve_assets(cfg)
+            cfg = assets.config
         tracking_info = open_tracking_run(cfg, str(run_dir), flow_run_id)
         summary.results["mlflow_run_id"] = tracking_info["run_id"]
         summary.results["mlflow_tracking_uri"] = mask_secrets(tracking_info["tracking_uri"])
@@ -69,56 +76,54 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
                 log_data_report(tracking_info, str(run_dir / "data"))
         with summary.stage("format_prompts"):
             formatted = format_prompts(cfg, data["clean_path"], str(run_dir))
-        run_key = cfg.run_key(data["data_hash"])
+        run_key = cfg.run_key(data["data_hash"], assets.base_fingerprint)
+        summary.results["run_key"] = run_key
         with summary.stage("train_qlora"):
             trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), run_key, tracking_info)
             summary.results["train"] = trained["metrics"]
         with summary.stage("evaluate"):
-            base_metrics = evaluate(cfg, str(run_dir), "base")
-            candidate_metrics = evaluate(cfg, str(run_dir), "candidate", trained["adapter_dir"])
-            summary.results["eval"] = {"base": base_metrics, "candidate": candidate_metrics}
-            champion = evaluate_champion(cfg, str(run_dir), tracking_info, run_key)
+            results = {BASE: evaluate(cfg, str(run_dir), BASE)}  # first: its answers may be the references
+            if cfg.eval.full_precision_base and cfg.quant.quantizes:
+                results[FULL_PRECISION_BASE] = evaluate(cfg, str(run_dir), FULL_PRECISION_BASE)
+            results[CANDIDATE] = evaluate(cfg, str(run_dir), CANDIDATE, trained["adapter_dir"])
+            champion = evaluate_champion(cfg, str(run_dir), tracking_info, run_key, assets.base_fingerprint)
             summary.results["champion"] = {k: v for k, v in (champion or {}).items() if k != "metrics"}
             if champion and champion["metrics"]:
-                summary.results["eval"]["champion"] = champion["metrics"]
-            summary.results["comparison"] = compare_models(str(run_dir), summary.results["eval"])
+                results[CHAMPION] = champion["metrics"]
+            summary.results["eval"] = results
+            summary.results["eval_suites"] = describe_suites(cfg)
+            summary.results["comparison"] = compare_models(str(run_dir), results)
         with summary.stage("gate"):
-            champion_metrics = champion["metrics"] if champion else None
-            decision = gate_candidate(base_metrics, candidate_metrics, cfg.gate, champion_metrics)
+            decision = gate_candidate(results[BASE], results[CANDIDATE], cfg.gate,
+                                      champion["metrics"] if champion else None,
+                                      resolve_task_metric(cfg.gate, cfg.data.format))
             summary.results["gate"] = decision.to_dict()
             for reason in decision.reasons:
                 logger.info("gate %s: %s", "PASSED" if decision.passed else "FAILED", reason)
-        with summary.stage("merge"):
-            merged = merge(cfg, trained["adapter_dir"], str(run_dir))
-            summary.results["merge"] = merged
-        gate_reasons = "; ".join(decision.reasons)
-        lineage = {
-            "run_key": run_key, "config_hash": cfg.config_hash(), "data_hash": data["data_hash"],
-            "base_model": cfg.model.name_or_path, "base_model_revision": cfg.model.revision or "",
-            "flow_run_id": flow_run_id, "git_commit": code_version(), "gate_passed": str(decision.passed),
-            "gate_reasons": gate_reasons,
-            **{f"eval.{name}.{k}": f"{v:.4f}" for name, m in summary.results["eval"].items() for k, v in m.items()},
-        }
+        store = registration_store(cfg.registry, decision.passed)
+        merged_dir = None
+        if store == "merged":
+            with summary.stage("merge"):
+                summary.results["merge"] = merge(cfg, trained["adapter_dir"], str(run_dir))
+                merged_dir = summary.results["merge"]["merged_dir"]
+        else:
+            summary.skip("merge", "registered as adapter + base reference (gate failed or registry.store=adapter)")
+        lineage = lineage_tags(
+            run_key=run_key, config_hash=cfg.config_hash(), data_hash=data["data_hash"],
+            base_model=cfg.model.name_or_path, base_revision=cfg.model.revision,
+            base_fingerprint=assets.base_fingerprint, flow_run_id=flow_run_id, git_commit=code_version(),
+            gate=summary.results["gate"], evaluations=results, store=store)
         with summary.stage("register"):
-            registered = register(cfg, merged["merged_dir"], trained["adapter_dir"], tracking_info, run_key, lineage)
+            registered = register(cfg, merged_dir, trained["adapter_dir"], str(run_dir), tracking_info, run_key,
+                                  lineage, store)
             summary.results["registered_model"] = registered
         with summary.stage("apply_aliases"):
             summary.results["registry"] = apply_aliases(cfg, tracking_info, registered["version"], decision.passed)
-        log_results(tracking_info, _final_metrics(summary.results), {"gate_passed": str(decision.passed),
-                    "gate_reasons": gate_reasons}, str(run_dir / "eval"))
+        log_results(tracking_info, final_metrics(summary.results), {"gate_passed": str(decision.passed),
+                    "gate_reasons": lineage["gate_reasons"]}, str(run_dir / "eval"))
         summary.status = "completed"
         return summary.to_dict()
     finally:
         summary.write(run_dir / "summary.json", summary_json)
         if tracking_info is not None:
             close_tracking_run(tracking_info, "FINISHED" if summary.status == "completed" else "FAILED")
-
-
-def _final_metrics(results: dict) -> dict[str, float]:
-    metrics = {f"eval/{label}/{k}": float(v) for label, m in results["eval"].items() for k, v in m.items()}
-    # Training totals (trainable parameters and ratio, peak memory, tokens/s, resumed-from step).
-    metrics.update({f"train_summary/{k}": float(v) for k, v in results["train"].items()})
-    metrics["merge/merge_rel_diff"] = float(results["merge"]["merge_rel_diff"])
-    metrics["merge/quantized_rel_diff"] = float(results["merge"]["quantized_rel_diff"])
-    metrics["gate/passed"] = float(results["gate"]["passed"])
-    return metrics

@@ -16,7 +16,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from lora_pipeline.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 
 #: Suffixes that make a ``data.path``-like string a local file (anything else may be a hub dataset name).
-LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf")
 
 # The first ephemeral Prefect API start migrates its SQLite database, which can take longer than
 # Prefect's 20 s default on 2 cores; library loggers are forwarded to the Prefect task logs. The
@@ -43,7 +43,7 @@ def missing_inputs(cfg: PipelineConfig) -> list[str]:
     }
     problems = []
     for key, value in candidates.items():
-        if not value or value.startswith("builtin:"):
+        if not value or value.startswith("builtin:") or value in ("auto", "base_answers"):
             continue
         looks_local = value.startswith(("/", "./", "../", "~")) or value.endswith(LOCAL_DATA_SUFFIXES)
         if looks_local and not Path(value).expanduser().exists():
@@ -134,6 +134,14 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         return 2
     for key, value in _PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    from lora_pipeline import stages
+    from lora_pipeline.formatting import FormatError
+
+    try:
+        stages.preflight(cfg)
+    except FormatError as exc:
+        print(f"error: {cfg.model.name_or_path}: {exc}", file=sys.stderr)
+        return 2
     from flows.finetune import finetune  # imported late: Prefect reads the environment at import
 
     summary_path = str(args.summary_json.resolve()) if args.summary_json else None
@@ -162,23 +170,29 @@ def _validate_data(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         return 2
     from lora_pipeline import stages
     from lora_pipeline.data import DataError
+    from lora_pipeline.formatting import FormatError
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lora_pipeline").setLevel(logging.INFO)  # demo-world build and data-stage progress
     try:
-        result = stages.check_data(stages.resolve_assets(cfg), args.out)
+        result = stages.check_data(stages.resolve_assets(cfg).config, args.out)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FormatError as exc:  # the tokenizer itself cannot be trained on: one line naming the rule
+        print(f"error: {cfg.model.name_or_path}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({
         "success": result.success,
         "n_input": result.n_input,
         "n_clean": result.n_clean,
         "n_quarantined": result.n_quarantined,
+        "n_held_out": result.n_held_out,
         "reason_counts": result.reason_counts,
         "failures": result.failures,
         "clean": str(result.clean_path),
         "quarantine": str(result.quarantine_path),
+        "held_out": str(result.eval_path) if result.eval_path else None,
         "report": str(result.report_path),
         "data_docs": str(result.data_docs_dir / "index.html") if result.data_docs_dir else None,
     }, indent=2))

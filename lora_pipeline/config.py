@@ -7,18 +7,23 @@ down explicitly to the library functions; nothing reads an untyped dict with def
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_pipeline.demo_world import DemoWorldSpec
 
 #: Sentinel for ``model.name_or_path`` / ``data.path`` / ``data.eval_path`` / ``eval.regression_*``:
 #: the embedded offline demo world (tokenizer, tiny base model and datasets built on first use).
 BUILTIN_DEMO = "builtin:demo"
+#: ``eval.regression_*`` default: the demo's suites for ``builtin:demo``, else the package's general sets.
+AUTO = "auto"
+#: ``eval.regression_qa_path``: the base model's own answers to the package's general prompts are the references.
+BASE_ANSWERS = "base_answers"
 
 
 class ConfigError(ValueError):
@@ -52,7 +57,12 @@ class DataConfig(_Strict):
     format: Literal["messages", "alpaca", "sharegpt", "prompt_completion", "text"] = Field(
         "messages", description="Row schema of the source; normalised to chat messages."
     )
-    eval_path: str | None = Field(BUILTIN_DEMO, description="Held-out task rows (same format as data.path).")
+    eval_path: str | None = Field(
+        None, description="Held-out task rows (same format as data.path). Unset: a deterministic held-out split of "
+        "data.path (data.eval_fraction), kept out of training; with data.path=builtin:demo, the demo's own eval rows.")
+    eval_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="With data.eval_path unset: the share of data.path's rows held out for "
+        "evaluation, chosen by a hash of each row's prompt (the same prompt never lands on both sides).")
     max_length: int = Field(128, gt=8, description="Token budget per templated sample (truncation length).")
     min_rows: int = Field(10, ge=1, description="Fewest clean rows a run may train on.")
     max_reject_fraction: float = Field(0.2, ge=0.0, le=1.0, description="Fail if more rows are quarantined.")
@@ -89,14 +99,39 @@ class QuantConfig(_Strict):
         "uint8", description="Storage dtype of packed 4-bit weights; FSDP + QLoRA needs it equal to the compute "
         "dtype (e.g. bfloat16) to shard them.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Matmul dtype; auto = bf16 on capable GPUs, fp16 on older GPUs, fp32 on CPU."
-    )
+        "auto", description="Matmul dtype; auto = bf16 on GPUs with native bf16 (Ampere on), fp16 on older GPUs "
+        "(they only emulate bf16), fp32 on CPU.")
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the frozen base is quantised (4-bit or 8-bit) rather than full precision."""
+        return self.load_in_4bit or self.load_in_8bit
 
     @model_validator(mode="after")
     def _one_quantisation(self) -> QuantConfig:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("quant.load_in_4bit and quant.load_in_8bit cannot both be true")
         return self
+
+
+#: ``train.optim`` values, named as transformers' ``TrainingArguments.optim`` names them.
+Optimizer = Literal["adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+
+
+def optimizer_unsupported(name: str) -> str | None:
+    """Why ``train.optim=name`` cannot run on this machine, or None when it can.
+
+    Checked against bitsandbytes 0.50.2 (pinned in pyproject.toml): its 8-bit and paged AdamW also step
+    CPU tensors, the paged ones falling back to ordinary, unpaged state there (same updates, and a
+    warning from bitsandbytes), so a GPU config runs unchanged on a CPU machine. What cannot run is a
+    bitsandbytes optimizer without bitsandbytes. The probe only looks the package up: importing it
+    costs ~1-2 s and it probes for optional kernels, too much for validating a config.
+    """
+    if name.startswith("adamw_torch"):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "needs the bitsandbytes package, which is not installed; install it or use adamw_torch_fused"
+    return None
 
 
 class TrainConfig(_Strict):
@@ -110,6 +145,11 @@ class TrainConfig(_Strict):
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optim: Optimizer = Field(
+        "adamw_torch_fused", description="Optimizer. adamw_torch_fused (transformers' default) / adamw_torch: "
+        "torch AdamW; adamw_bnb_8bit: bitsandbytes AdamW with 8-bit states; paged_adamw_8bit / paged_adamw_32bit: "
+        "the QLoRA paper's paged optimizers, whose states live in CUDA unified memory and page out to CPU RAM in "
+        "memory spikes instead of running out of GPU memory (on a CPU they run unpaged).")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes; > 1 launches torchrun (or accelerate).")
     accelerate_config: str | None = Field(
         None, description="With num_processes > 1: launch with `accelerate launch --config_file` this file (DDP, "
@@ -124,6 +164,14 @@ class TrainConfig(_Strict):
     packing: bool = Field(False, description="Pack several samples per sequence (TRL best-fit, no cross-attention "
                           "between them): fewer pad tokens on variable-length data.")
 
+    @field_validator("optim")
+    @classmethod
+    def _optimizer_runs_here(cls, optim: str) -> str:
+        reason = optimizer_unsupported(optim)
+        if reason is not None:
+            raise ValueError(f"train.optim={optim} {reason}")
+        return optim
+
     @model_validator(mode="after")
     def _warmup_within_training(self) -> TrainConfig:
         if self.warmup_steps >= self.max_steps:
@@ -137,8 +185,22 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per prompt.")
     max_samples: int = Field(200, gt=0, description="Held-out rows scored per suite.")
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
-    regression_qa_path: str | None = Field(BUILTIN_DEMO, description="Q/A the base already answers.")
-    regression_text_path: str | None = Field(BUILTIN_DEMO, description="General text for perplexity.")
+    regression_qa_path: str | None = Field(
+        AUTO, validation_alias=AliasChoices("regression_qa_path", "regression_qa"),
+        description="Q/A the base already answers: a file (messages, alpaca, ... detected per row); "
+        f"`{BASE_ANSWERS}`: the base model's own greedy answers to a general prompt set shipped with the package "
+        "become the references, so regression exact match measures drift from the base (1.0 for the base by "
+        f"construction); `{AUTO}`: the demo's suite for builtin:demo, else {BASE_ANSWERS}; null: none.")
+    regression_text_path: str | None = Field(
+        AUTO, validation_alias=AliasChoices("regression_text_path", "regression_text"),
+        description=f"General text for perplexity (JSONL of text rows); `{AUTO}`: the demo's for builtin:demo, "
+        "else a general text set shipped with the package; null: none.")
+    match: Literal["exact", "normalized"] = Field(
+        "exact", description="How answers are compared for exact match: exact (whitespace collapsed) or "
+        "normalized (also case, punctuation and articles ignored, as in SQuAD), for free-form answers.")
+    full_precision_base: bool = Field(
+        True, description="Also score the full-precision base: the gate compares against the quantised base the "
+        "candidate was trained on, and the difference to this one is reported as the quantisation cost.")
     suites: list[str] = Field(
         ["task", "regression"], description="Suites to score: `task` (held-out task rows), `regression` (the "
         "base's skills and general text), and optional `lm_eval:<task>` lm-evaluation-harness tasks (skipped with "
@@ -155,7 +217,11 @@ class EvalConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    min_task_gain: float = Field(0.2, description="Candidate task exact match minus base, at least.")
+    task_metric: Literal["exact_match", "token_f1", "rouge_l", "perplexity"] | None = Field(
+        None, description="Task metric the gain is measured on: exact_match, token_f1 or rouge_l (candidate minus "
+        "base), or perplexity (relative reduction 1 - candidate/base); unset: perplexity for data.format=text, "
+        "else exact_match.")
+    min_task_gain: float = Field(0.2, description="Least task gain of the candidate over the base (see task_metric).")
     max_regression: float = Field(0.1, ge=0.0, description="Largest allowed drop in regression exact match.")
     min_stop_rate: float = Field(0.9, ge=0.0, le=1.0, description="Least fraction of candidate generations that "
                                  "end with EOS within eval.max_new_tokens, in every suite.")
@@ -185,6 +251,11 @@ class RegistryConfig(_Strict):
     model_name: str = Field("lora-pipeline-demo", min_length=1, description="Registered model name.")
     auto_promote: bool = Field(False, description="Move the `champion` alias to a candidate that passed the gate "
                                "(the old champion becomes `previous`); off: promote by hand.")
+    store: Literal["merged", "adapter"] = Field(
+        "merged", description="What a registered version holds: merged = the full merged model (self-contained, "
+        "base-sized); adapter = only the LoRA adapter and a reference to its base model's local directory (for large "
+        "bases; the base must be at that path, or be passed, wherever the version is loaded). Chooses for versions "
+        "that passed the gate; one that failed is stored as adapter.")
 
 
 class PipelineConfig(_Strict):
@@ -206,9 +277,40 @@ class PipelineConfig(_Strict):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    def run_key(self, data_hash: str) -> str:
-        """Key of one training job: config + data. Checkpoints resume, and registration deduplicates, by it."""
-        return hashlib.sha256(f"{self.config_hash()}:{data_hash}".encode()).hexdigest()[:16]
+    def run_key(self, data_hash: str, base_fingerprint: str) -> str:
+        """Key of one training job: everything that changes the trained adapter, and nothing else.
+
+        Checkpoints resume, and registration deduplicates, by it. It hashes the base weights' identity
+        (``base_fingerprint``: weights hash, or hub id + resolved commit), the clean data's hash, the
+        ``model``, ``data``, ``lora``, ``quant`` and ``train`` sections (without the *locations* of the
+        model and data, which the two hashes stand for) and the versions of the training libraries. So
+        changing ``gate``, ``eval``, ``registry``, ``mlflow``, ``merge`` or ``output_dir`` reuses the trained
+        adapter; moving the same data or weights elsewhere does too.
+        """
+        sections = self.model_dump(mode="json", include=set(RUN_KEY_SECTIONS))
+        for section, key in _LOCATION_KEYS:
+            sections[section].pop(key, None)
+        identity = {"base": base_fingerprint, "data": data_hash, "config": sections, "libraries": _library_versions()}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: Config sections that change what training produces (see :meth:`PipelineConfig.run_key`).
+RUN_KEY_SECTIONS = ("model", "data", "lora", "quant", "train")
+_LOCATION_KEYS = (("model", "name_or_path"), ("data", "path"), ("data", "eval_path"))
+#: Libraries whose version can change the trained adapter.
+TRAINING_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in TRAINING_LIBRARIES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,21 @@ class EvalSuites:
     task: list[dict[str, Any]]
     regression_qa: list[dict[str, Any]]
     regression_text: list[str]
+    task_text: list[str] = field(default_factory=list)  # data.format=text: held-out texts (perplexity)
     lm_eval_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names (optional package)
     lm_eval_limit: int | None = None  # examples per lm-eval task
     score_task: bool = True  # False: the task rows are kept (for merge parity) but not scored
 
 
-def normalize_answer(text: str) -> str:
-    """Exact match compares answers with whitespace collapsed and ends stripped."""
+def normalize_answer(text: str, match: str = "exact") -> str:
+    """The form answers are compared in.
+
+    ``exact``: whitespace collapsed and ends stripped. ``normalized`` (for free-form answers, as SQuAD
+    scores them): also lower-cased, punctuation and the articles a/an/the removed.
+    """
+    if match == "normalized":
+        text = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
+        text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 
@@ -79,11 +89,17 @@ class Generation:
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, conversations: Sequence[dict[str, Any]], max_new_tokens: int, batch_size: int
-) -> list[tuple[str, bool]]:
-    """Greedy answers to each conversation's prompt turns, with whether generation stopped at EOS."""
+    model: Any, tokenizer: Any, conversations: Sequence[dict[str, Any]], max_new_tokens: int, batch_size: int,
+    stop_ids: Sequence[int],
+) -> list[Generation]:
+    """Greedy answers to each conversation's prompt turns; ``stopped`` when a stop id ended the answer.
+
+    Generation stops at every id of ``stop_ids`` (EOS, the end-of-turn token, every
+    ``generation_config.eos_token_id``), as serving does.
+    """
     device = next(model.parameters()).device
-    results: list[tuple[str, bool]] = []
+    stops = set(stop_ids)
+    results: list[Generation] = []
     for start in range(0, len(conversations), batch_size):
         batch = conversations[start : start + batch_size]
         prompts = [encode_generation_prompt(tokenizer, prompt_turns(row["messages"])) for row in batch]
@@ -93,40 +109,44 @@ def generate_answers(
             attention_mask=padded["attention_mask"].to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=sorted(stops),
             pad_token_id=tokenizer.pad_token_id,
         )
         for new_tokens in output[:, padded["input_ids"].shape[1] :].tolist():
-            stopped = tokenizer.eos_token_id in new_tokens
-            answer = new_tokens[: new_tokens.index(tokenizer.eos_token_id)] if stopped else new_tokens
+            stop_at = next((i for i, token in enumerate(new_tokens) if token in stops), None)
+            answer = new_tokens if stop_at is None else new_tokens[:stop_at]
             while answer and answer[-1] == tokenizer.pad_token_id:  # batch padding, not generated text
                 answer.pop()
-            results.append(Generation(tokenizer.decode(answer, skip_special_tokens=True), stopped,
+            results.append(Generation(tokenizer.decode(answer, skip_special_tokens=True).strip(), stop_at is not None,
                                       repetition_rate(answer)))
     return results
 
 
 def score_generation_suite(
     model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], max_new_tokens: int, batch_size: int,
-    records: list[dict[str, Any]] | None = None,
+    stop_ids: Sequence[int], records: list[dict[str, Any]] | None = None, match: str = "exact",
+    answers: Sequence[Generation] | None = None,
 ) -> dict[str, float]:
     """Answer quality and generation health against each row's final assistant turn.
 
     Returns:
-        ``exact_match``, ``token_f1``, ``rouge_l`` (means over rows), ``stop_rate`` (fraction that
-        ended with EOS within the budget), ``repetition_rate`` (mean repeated-n-gram fraction), ``n``.
+        ``exact_match`` (compared as ``match`` says, see :func:`normalize_answer`), ``token_f1``,
+        ``rouge_l`` (means over rows), ``stop_rate`` (fraction that ended with a stop token within the
+        budget), ``repetition_rate`` (mean repeated-n-gram fraction), ``n``.
 
     Args:
         records: if given, receives one dict per row (prompt, expected, answer, stopped, correct), so
             a person can see *what* the model answered, not only how often it was right.
+        answers: the model's answers when already generated (else generated here).
     """
     if not rows:
         return {}
-    answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
-    totals = Counter()
+    if answers is None:
+        answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size, stop_ids)
+    totals: Counter[str] = Counter()
     for answer, row in zip(answers, rows, strict=True):
         expected = row["messages"][-1]["content"]
-        correct = normalize_answer(answer.text) == normalize_answer(expected)
+        correct = normalize_answer(answer.text, match) == normalize_answer(expected, match)
         totals["exact_match"] += correct
         totals["token_f1"] += token_f1(answer.text, expected)
         totals["rouge_l"] += rouge_l(answer.text, expected)
@@ -175,9 +195,9 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int
 
 
 def answer_perplexity(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], batch_size: int,
-                      max_length: int) -> float:
-    """Perplexity of the reference answers given their prompts (assistant tokens and their EOS only)."""
-    samples = [tokenize_conversation(tokenizer, row["messages"], max_length) for row in rows]
+                      max_length: int, stop_ids: Sequence[int]) -> float:
+    """Perplexity of the reference answers given their prompts (assistant tokens and their stop token only)."""
+    samples = [tokenize_conversation(tokenizer, row["messages"], max_length, stop_ids) for row in rows]
     return _labelled_perplexity(model, [(s.input_ids, s.labels) for s in samples], tokenizer.pad_token_id,
                                 batch_size)
 
@@ -209,24 +229,32 @@ def run_lm_eval_task(model: Any, tokenizer: Any, task: str, batch_size: int,
 
 def evaluate_model(
     model: Any, tokenizer: Any, suites: EvalSuites, *, max_new_tokens: int, batch_size: int, max_length: int,
+    stop_ids: Sequence[int], match: str = "exact", regression_answers: Sequence[Generation] | None = None,
     generations_path: Path | None = None, skipped: list[str] | None = None,
 ) -> dict[str, float]:
     """Score one model on every suite; flat metric names (``task_exact_match``, ...).
 
     Args:
+        stop_ids: the model's stop set; generation stops at any of them.
+        match: how exact match compares answers (:func:`normalize_answer`).
+        regression_answers: this model's answers to the regression prompts when already generated
+            (the base, whose answers are the references with ``eval.regression_qa_path: base_answers``).
         generations_path: if given, every generated answer is written there as JSONL (with its suite).
         skipped: if given, receives one message per optional suite that could not run.
     """
     metrics: dict[str, float] = {}
     records: dict[str, list[dict[str, Any]]] = {}
     task_rows = suites.task if suites.score_task else []
-    for name, rows in (("task", task_rows), ("regression", suites.regression_qa)):
+    for name, rows, answers in (("task", task_rows, None), ("regression", suites.regression_qa, regression_answers)):
         records[name] = []
-        scores = score_generation_suite(model, tokenizer, rows, max_new_tokens, batch_size, records[name])
+        scores = score_generation_suite(model, tokenizer, rows, max_new_tokens, batch_size, stop_ids, records[name],
+                                        match, answers)
         for key, value in scores.items():
             metrics[f"{name}_{key}"] = value
     if task_rows:
-        metrics["task_perplexity"] = answer_perplexity(model, tokenizer, task_rows, batch_size, max_length)
+        metrics["task_perplexity"] = answer_perplexity(model, tokenizer, task_rows, batch_size, max_length, stop_ids)
+    if suites.task_text and suites.score_task:
+        metrics["task_perplexity"] = perplexity(model, tokenizer, suites.task_text, batch_size, max_length)
     if suites.regression_text:
         metrics["regression_perplexity"] = perplexity(model, tokenizer, suites.regression_text, batch_size, max_length)
     for task in suites.lm_eval_tasks:

@@ -1,24 +1,41 @@
 """The one prompt formatter: training, evaluation and serving all go through these functions.
 
-Training samples are tokenized here (not inside the trainer) so the loss mask is counted and checked
-rather than assumed: every assistant turn must end in an EOS token whose label is *not* masked,
-otherwise the model never learns to stop.
+Training samples are tokenized here (not inside the trainer) so the loss mask is derived and checked
+rather than assumed. The mask comes from the model's own chat template, whatever it is, in one way
+that needs no ``{% generation %}`` markers: for each assistant turn the conversation is rendered up to
+that turn *with the generation prompt* (exactly what the model sees at inference) and up to and
+including the turn; the tokens between the two, through the first stop token, are what the model has
+to produce, so they are trained, and nothing else is. Default system prompts, date headers and other
+template text are therefore identical in training, evaluation and serving.
+
+The stop set (:func:`stop_token_ids`) is the tokenizer's EOS, every id of the model's
+``generation_config.eos_token_id`` and the template's own end-of-turn token; every assistant turn must
+end in a trained token of that set, otherwise the model never learns to stop.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and TRL) skips
 
+#: A conversation rendered to check a tokenizer and to find its template's end-of-turn token.
+_PROBE_ANSWER = "lora pipeline probe answer"
+PROBE_CONVERSATION = ({"role": "user", "content": "lora pipeline probe question"},
+                      {"role": "assistant", "content": _PROBE_ANSWER})
+
 
 class FormatError(ValueError):
-    """A tokenizer or a sample cannot be formatted safely; the message says which rule failed."""
+    """A tokenizer cannot be used for training; the message starts with the rule that failed."""
+
+
+class RowFormatError(FormatError):
+    """One conversation cannot be formatted (the data stage quarantines it as ``template_error``)."""
 
 
 @dataclass(frozen=True)
@@ -29,15 +46,12 @@ class TokenizedSample:
     labels: list[int]
     truncated: bool
     full_length: int  # templated length before truncation
-    answers_in_budget: int  # assistant turns (a text row: its single EOS) whose last token fits the budget
+    answers_in_budget: int  # assistant turns (a text row: its final EOS) whose stop token fits the budget
+    trained_stops: int  # labels (within the budget) that are stop tokens: equals answers_in_budget when right
 
     @property
     def n_trainable(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
-
-    def trained_eos(self, eos_token_id: int) -> int:
-        """EOS tokens whose label is kept: equals ``answers_in_budget`` when every answer ends in a trained EOS."""
-        return sum(label == eos_token_id for label in self.labels)
 
 
 @dataclass
@@ -48,10 +62,12 @@ class FormatReport:
     n_written: int = 0
     n_truncated: int = 0
     n_no_trainable_tokens: int = 0
+    n_template_errors: int = 0
     mean_tokens: float = 0.0
     max_tokens: int = 0
     trainable_token_fraction: float = 0.0
-    eos_unmasked_turns: int = 0
+    eos_unmasked_turns: int = 0  # answers ending in a trained stop token (EOS or end-of-turn)
+    stop_token_ids: list[int] = field(default_factory=list)
     pad_is_eos: bool = False  # safe (labels are padded with -100 by position) but worth knowing
     rejected_lines: list[int] = field(default_factory=list)
 
@@ -59,21 +75,21 @@ class FormatReport:
         return asdict(self)
 
 
-def check_tokenizer(tokenizer: Any) -> None:
-    """Refuse a tokenizer that cannot produce a trustworthy training sample.
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]], *, generation_prompt: bool) -> list[int]:
+    """Token ids of the chat template applied to ``messages`` (no special tokens added on top)."""
+    encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=generation_prompt,
+                                            tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
 
-    Raises:
-        FormatError: no chat template, no EOS, or no pad token.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise FormatError("tokenizer has no chat template: set one before training")
-    if tokenizer.eos_token_id is None:
-        raise FormatError("tokenizer has no EOS token: generations could never stop")
-    if tokenizer.pad_token_id is None:
-        # modeling.load_tokenizer fills a missing pad in (UNK, else EOS: safe, labels are precomputed);
-        # a tokenizer that reaches here without one was loaded some other way.
-        raise FormatError("tokenizer has no pad token: load it with lora_pipeline.modeling.load_tokenizer "
-                          "or set one (a distinct token is preferable to EOS)")
+
+def render_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """Text the model continues to answer: chat template applied with the generation prompt."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def encode_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of :func:`render_generation_prompt`: the inference prompt, and each answer's training context."""
+    return chat_ids(tokenizer, messages, generation_prompt=True)
 
 
 def prompt_turns(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
@@ -83,82 +99,151 @@ def prompt_turns(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     return list(messages[:-1])
 
 
-def render_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """Text the model continues to answer: chat template applied with the generation prompt."""
-    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+def _control_token_ids(tokenizer: Any) -> set[int]:
+    """Special and added tokens (turn markers such as ``<|eot_id|>`` are often added, not "special")."""
+    return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
 
 
-def encode_generation_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of :func:`render_generation_prompt` (no second BOS: the template already has one)."""
-    encoded = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return list(encoded["input_ids"])
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The control token the template writes right after an assistant answer, if any.
+
+    ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``, or EOS itself; None
+    when the template writes plain text (or nothing) there.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template(list(PROBE_CONVERSATION), tokenize=False)
+    at = text.find(_PROBE_ANSWER)
+    if at < 0:
+        return None
+    after = tokenizer(text[at + len(_PROBE_ANSWER):], add_special_tokens=False)["input_ids"]
+    return after[0] if after and after[0] in _control_token_ids(tokenizer) else None
 
 
-def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int) -> TokenizedSample:
-    """Template, tokenize and mask one conversation; labels are -100 outside assistant turns.
+def stop_token_ids(tokenizer: Any, generation_eos: int | Iterable[int] | None = None) -> list[int]:
+    """Every id that ends an answer: EOS, ``generation_config.eos_token_id`` (one or a list), end-of-turn."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if generation_eos is not None:
+        ids.update([int(generation_eos)] if isinstance(generation_eos, int) else (int(i) for i in generation_eos))
+    end_of_turn = end_of_turn_token_id(tokenizer)
+    if end_of_turn is not None:
+        ids.add(int(end_of_turn))
+    return sorted(ids)
+
+
+def check_tokenizer(tokenizer: Any, stop_ids: Sequence[int] | None = None, *, chat: bool = True) -> None:
+    """Refuse a tokenizer that cannot produce a trustworthy training sample.
+
+    For chat data a probe conversation goes through :func:`tokenize_conversation`, so a template
+    that cannot be masked, loses its stop token or adds a BOS twice is refused here, once, instead
+    of quarantining every row.
 
     Raises:
-        FormatError: the template does not start with exactly one BOS, marks no assistant tokens, or
-            leaves an assistant turn without an unmasked EOS.
+        FormatError: ``<rule>: <why>``, rule one of ``chat_template``, ``eos_token``, ``pad_token``,
+            ``bos_once``, ``answer_ends_in_stop_token``, ``template_prefix``, ``template_error``.
     """
-    encoded = tokenizer.apply_chat_template(
-        list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    input_ids = list(encoded["input_ids"])
-    mask = list(encoded["assistant_masks"])
-    _check_special_tokens(tokenizer, input_ids, mask, messages)
-    labels = [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, mask, strict=True)]
-    answer_ends = [i for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise FormatError("chat_template: the tokenizer has no chat template; set model.chat_template "
+                          "(chatml, llama3, alpaca) or use data.format=text")
+    if tokenizer.eos_token_id is None:
+        raise FormatError("eos_token: the tokenizer has no EOS token, so generations could never stop")
+    if tokenizer.pad_token_id is None:
+        # modeling.load_tokenizer fills a missing pad in (UNK, else EOS: safe, labels are precomputed);
+        # a tokenizer that reaches here without one was loaded some other way.
+        raise FormatError("pad_token: the tokenizer has no pad token; load it with "
+                          "lora_pipeline.modeling.load_tokenizer or set one")
+    if not chat:
+        return
+    text = tokenizer.apply_chat_template(list(PROBE_CONVERSATION), tokenize=False)
+    bos = tokenizer.bos_token
+    try:
+        sample = tokenize_conversation(tokenizer, PROBE_CONVERSATION, max_length=1 << 30, stop_ids=stop_ids)
+    except RowFormatError as exc:
+        raise FormatError(f"{exc} (on a probe conversation: the tokenizer's chat template cannot be trained)") from exc
+    if bos and sample.input_ids.count(tokenizer.bos_token_id) != text.count(bos):
+        raise FormatError(f"bos_once: the tokenized conversation has {sample.input_ids.count(tokenizer.bos_token_id)} "
+                          f"BOS tokens where the template renders {text.count(bos)}: a BOS is added twice")
+
+
+def _first_stop(ids: Sequence[int], start: int, stops: set[int]) -> int | None:
+    return next((i for i in range(start, len(ids)) if ids[i] in stops), None)
+
+
+def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int,
+                          stop_ids: Sequence[int] | None = None) -> TokenizedSample:
+    """Template, tokenize and mask one conversation; labels are -100 outside assistant answers.
+
+    Each assistant turn's trained tokens start where the generation prompt for that turn ends and
+    run through the first stop token: the ids the model must generate at inference, nothing else.
+
+    Args:
+        stop_ids: the stop set (:func:`stop_token_ids`); derived from the tokenizer alone when None.
+
+    Raises:
+        RowFormatError: the template refuses the conversation (``template_error``), renders a turn
+            differently once later turns follow (``template_prefix``), or an assistant turn has no
+            stop token after it (``answer_ends_in_stop_token``).
+    """
+    stops = set(stop_ids if stop_ids is not None else stop_token_ids(tokenizer))
+    try:
+        full = chat_ids(tokenizer, messages, generation_prompt=False)
+        labels = [IGNORE_INDEX] * len(full)
+        answer_ends: list[int] = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = chat_ids(tokenizer, messages[:index], generation_prompt=True)
+            turn = full if index == len(messages) - 1 else chat_ids(tokenizer, messages[: index + 1],
+                                                                     generation_prompt=False)
+            if full[: len(turn)] != turn or turn[: len(prompt)] != prompt:
+                raise RowFormatError(f"template_prefix: assistant turn {index} is not rendered as the continuation "
+                                     "of its generation prompt, so training would not match inference")
+            end = _first_stop(turn, len(prompt), stops)
+            if end is None:
+                raise RowFormatError(f"answer_ends_in_stop_token: assistant turn {index} is not followed by a stop "
+                                     f"token {sorted(stops)}, so the model would never learn to stop")
+            labels[len(prompt): end + 1] = full[len(prompt): end + 1]
+            answer_ends.append(end)
+    except RowFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - jinja TemplateError, raise_exception(), a role the template lacks
+        raise RowFormatError(f"template_error: the chat template refused the conversation: {exc}") from exc
+    if not answer_ends:
+        raise RowFormatError("template_error: the conversation has no assistant turn to train on")
+    return _truncated(full, labels, answer_ends, max_length, stops)
+
+
+def _truncated(input_ids: list[int], labels: list[int], answer_ends: list[int], max_length: int,
+               stops: set[int]) -> TokenizedSample:
+    kept = labels[:max_length]
     return TokenizedSample(
         input_ids=input_ids[:max_length],
-        labels=labels[:max_length],
+        labels=kept,
         truncated=len(input_ids) > max_length,
         full_length=len(input_ids),
         answers_in_budget=sum(end < max_length for end in answer_ends),
+        trained_stops=sum(label in stops for label in kept),
     )
 
 
 def tokenize_text(tokenizer: Any, text: str, max_length: int) -> TokenizedSample:
-    """One ``text`` row (continued pre-training): BOS + text + EOS, every token after BOS trained."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    input_ids = bos + list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-    labels = [IGNORE_INDEX] * len(bos) + input_ids[len(bos):]
-    return TokenizedSample(
-        input_ids=input_ids[:max_length],
-        labels=labels[:max_length],
-        truncated=len(input_ids) > max_length,
-        full_length=len(input_ids),
-        answers_in_budget=int(len(input_ids) <= max_length),
-    )
+    """One ``text`` row (continued pre-training): the tokenizer's own framing (its BOS, if it adds one),
+    then EOS; every token is trained (the first is never a target)."""
+    input_ids = list(tokenizer(text)["input_ids"])
+    if not input_ids or input_ids[-1] != tokenizer.eos_token_id:
+        input_ids.append(tokenizer.eos_token_id)
+    labels = [IGNORE_INDEX, *input_ids[1:]]
+    return _truncated(input_ids, labels, [len(input_ids) - 1], max_length, {tokenizer.eos_token_id})
 
 
-def tokenize_row(tokenizer: Any, row: dict[str, Any], max_length: int) -> TokenizedSample:
+def tokenize_row(tokenizer: Any, row: dict[str, Any], max_length: int,
+                 stop_ids: Sequence[int] | None = None) -> TokenizedSample:
     """A normalised data-stage row (``{"messages": [...]}`` or ``{"text": ...}``) as a training sample."""
     if "messages" in row:
-        return tokenize_conversation(tokenizer, row["messages"], max_length)
+        return tokenize_conversation(tokenizer, row["messages"], max_length, stop_ids)
     return tokenize_text(tokenizer, row["text"], max_length)
-
-
-def _check_special_tokens(
-    tokenizer: Any, input_ids: list[int], mask: list[int], messages: Sequence[dict[str, str]]
-) -> None:
-    bos = tokenizer.bos_token_id
-    if bos is not None and (not input_ids or input_ids[0] != bos or input_ids.count(bos) != 1):
-        raise FormatError(f"templated sample must start with exactly one BOS (found {input_ids.count(bos)})")
-    if not any(mask):
-        raise FormatError("chat template marks no assistant tokens: it needs {% generation %} markers")
-    n_assistant = sum(m["role"] == "assistant" for m in messages)
-    eos = tokenizer.eos_token_id
-    trained_eos = sum(1 for tok, keep in zip(input_ids, mask, strict=True) if keep and tok == eos)
-    ends_ok = all(
-        input_ids[i] == eos for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])
-    )
-    if trained_eos != n_assistant or not ends_ok:
-        raise FormatError(
-            f"every assistant turn must end in an unmasked EOS: {n_assistant} turns, {trained_eos} trained EOS"
-        )
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -169,28 +254,38 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield line_no, json.loads(line)
 
 
-def format_dataset(tokenizer: Any, clean_path: Path, out_path: Path, max_length: int) -> FormatReport:
+def format_dataset(tokenizer: Any, clean_path: Path, out_path: Path, max_length: int,
+                   stop_ids: Sequence[int] | None = None, *, chat: bool = True) -> FormatReport:
     """Tokenize every clean row into ``out_path`` (JSONL of input_ids/labels) and count the masks.
 
-    Rows left with no trainable token after truncation are not written; their line numbers are reported.
-    (The data stage, given the same tokenizer and budget, already quarantines such rows; this is the
-    safety net for a clean file produced elsewhere.)
+    Rows that cannot be formatted or keep no trainable token after truncation are not written; their
+    line numbers are reported. (The data stage, given the same tokenizer and budget, already
+    quarantines such rows; this is the safety net for a clean file produced elsewhere.)
+
+    Raises:
+        FormatError: the tokenizer cannot be used (see :func:`check_tokenizer`).
     """
-    check_tokenizer(tokenizer)
-    report = FormatReport(pad_is_eos=tokenizer.pad_token_id == tokenizer.eos_token_id)
+    stops = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
+    check_tokenizer(tokenizer, stops, chat=chat)
+    report = FormatReport(pad_is_eos=tokenizer.pad_token_id == tokenizer.eos_token_id, stop_token_ids=stops)
     lengths: list[int] = []
     trainable = 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w", encoding="utf-8") as out:
         for line_no, row in iter_jsonl(clean_path):
             report.n_rows += 1
-            sample = tokenize_row(tokenizer, row, max_length)
+            try:
+                sample = tokenize_row(tokenizer, row, max_length, stops)
+            except RowFormatError:
+                report.n_template_errors += 1
+                report.rejected_lines.append(line_no)
+                continue
             report.n_truncated += sample.truncated
             if sample.n_trainable == 0:
                 report.n_no_trainable_tokens += 1
                 report.rejected_lines.append(line_no)
                 continue
-            report.eos_unmasked_turns += sample.trained_eos(tokenizer.eos_token_id)
+            report.eos_unmasked_turns += sample.trained_stops
             lengths.append(len(sample.input_ids))
             trainable += sample.n_trainable
             out.write(json.dumps({"input_ids": sample.input_ids, "labels": sample.labels}) + "\n")

@@ -23,33 +23,59 @@ def _rule(reasons: list[str], ok: bool, text: str) -> bool:
     return ok
 
 
+def resolve_task_metric(gate: GateConfig, data_format: str) -> str:
+    """``gate.task_metric``, defaulting to perplexity for text data (no answers to match) and exact match otherwise."""
+    return gate.task_metric or ("perplexity" if data_format == "text" else "exact_match")
+
+
+def task_gain(reference: Mapping[str, float], candidate: Mapping[str, float], metric: str) -> float | None:
+    """How much better the candidate does on the task than ``reference`` (None when a side lacks the metric).
+
+    Rates (exact match, token F1, ROUGE-L): the difference. Perplexity (lower is better): the relative
+    reduction ``1 - candidate / reference``.
+    """
+    key = f"task_{metric}"
+    if key not in reference or key not in candidate:
+        return None
+    if metric == "perplexity":
+        return 1.0 - candidate[key] / reference[key] if reference[key] > 0 else None
+    return candidate[key] - reference[key]
+
+
 def gate_candidate(
     base: Mapping[str, float],
     candidate: Mapping[str, float],
     gate: GateConfig,
     champion: Mapping[str, float] | None = None,
+    task_metric: str = "exact_match",
 ) -> GateDecision:
     """Pass only if the candidate learned the task, kept the base's skills, stops, and beats the champion.
 
     Rules (each yields one reason, passing or failing):
-        - task gain: candidate ``task_exact_match`` - base >= ``gate.min_task_gain``;
+        - task gain: :func:`task_gain` on ``task_metric`` >= ``gate.min_task_gain``;
         - regression: base ``regression_exact_match`` - candidate <= ``gate.max_regression``;
         - stop rate: every suite's ``*_stop_rate`` of the candidate >= ``gate.min_stop_rate``;
-        - champion (when there is one): candidate task and regression exact match each >= the
-          champion's - ``gate.champion_tolerance``, on the same suites in the same run.
+        - champion (when there is one): the candidate's task gain over the champion, and its regression
+          exact match minus the champion's, each >= -``gate.champion_tolerance``, on the same suites in
+          the same run.
 
     Args:
-        base: metrics of the base model.
+        base: metrics of the base model (the quantised base the candidate was trained on, so that
+            quantisation error is never counted as the candidate's forgetting).
         candidate: metrics of the fine-tuned model, same keys.
         gate: thresholds.
         champion: metrics of the model currently serving (``champion`` alias), if any and if it is
             not this same training.
+        task_metric: see :func:`resolve_task_metric`.
     """
     reasons: list[str] = []
     passed = True
-    gain = candidate.get("task_exact_match", 0.0) - base.get("task_exact_match", 0.0)
-    passed &= _rule(reasons, gain >= gate.min_task_gain,
-                    f"task gain {gain:+.3f} (need >= {gate.min_task_gain:.3f})")
+    gain = task_gain(base, candidate, task_metric)
+    if gain is None:
+        passed &= _rule(reasons, False, f"task {task_metric}: not measured (no task suite scored)")
+    else:
+        passed &= _rule(reasons, gain >= gate.min_task_gain,
+                        f"task gain ({task_metric}) {gain:+.3f} (need >= {gate.min_task_gain:.3f})")
     if "regression_exact_match" in base and "regression_exact_match" in candidate:
         drop = base["regression_exact_match"] - candidate["regression_exact_match"]
         passed &= _rule(reasons, drop <= gate.max_regression,
@@ -62,9 +88,11 @@ def gate_candidate(
     if champion is None:
         reasons.append("SKIP: no champion to compare with (none yet, or it is this same training)")
     else:
-        for key in ("task_exact_match", "regression_exact_match"):
-            if key in champion and key in candidate:
-                delta = candidate[key] - champion[key]
-                passed &= _rule(reasons, delta >= -gate.champion_tolerance,
-                                f"{key} vs champion {delta:+.3f} (allowed >= {0.0 - gate.champion_tolerance:.3f})")
+        allowed = 0.0 - gate.champion_tolerance
+        versus = {f"task_{task_metric}": task_gain(champion, candidate, task_metric)}
+        if "regression_exact_match" in champion and "regression_exact_match" in candidate:
+            versus["regression_exact_match"] = candidate["regression_exact_match"] - champion["regression_exact_match"]
+        for key, delta in versus.items():
+            if delta is not None:
+                passed &= _rule(reasons, delta >= allowed, f"{key} vs champion {delta:+.3f} (allowed >= {allowed:.3f})")
     return GateDecision(passed=bool(passed), reasons=reasons)

@@ -18,7 +18,6 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from lora_pipeline.config import PipelineConfig
-from lora_pipeline.formatting import encode_generation_prompt, prompt_turns
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
 
 
@@ -74,7 +73,7 @@ def relative_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _dequantized_base(cfg: PipelineConfig, device: torch.device) -> tuple[Any, bool]:
-    quantized = cfg.quant.load_in_4bit or cfg.quant.load_in_8bit
+    quantized = cfg.quant.quantizes
     model = load_base_model(cfg.model, cfg.quant, device)
     if quantized:
         # The same quantised weights the adapter was trained against, de-quantised to the compute dtype.
@@ -86,21 +85,24 @@ def merge_adapter(
     cfg: PipelineConfig,
     adapter_dir: Path,
     out_dir: Path,
-    sample_conversations: Sequence[dict[str, Any]],
+    prompts: Sequence[list[int]],
+    stop_ids: Sequence[int],
 ) -> MergeReport:
     """Merge ``adapter_dir`` into the base and save a standalone model (safetensors) in ``out_dir``.
 
-    Two parity checks on the prompts of ``sample_conversations``: the merged model against the same
-    de-quantised base with the adapter unmerged (the merge must be exact: ``merge.parity_tolerance``),
-    and against the 4-bit base + adapter that was evaluated (``merge.quantized_parity_tolerance``;
-    bitsandbytes' 4-bit inference kernels differ from exact de-quantisation by ~0.1-0.5 %).
+    Two parity checks on ``prompts`` (token ids): the merged model against the same de-quantised base
+    with the adapter unmerged (the merge must be exact: ``merge.parity_tolerance``), and against the
+    4-bit base + adapter that was evaluated (``merge.quantized_parity_tolerance``; bitsandbytes' 4-bit
+    inference kernels differ from exact de-quantisation by ~0.1-0.5 %).
+
+    The merged model's ``generation_config.eos_token_id`` is the whole stop set ``stop_ids`` (a list:
+    Llama 3 stops on three ids; overwriting it with the tokenizer's one EOS would make it ramble on).
 
     Raises:
         MergeError: a parity check fails or the merge is refused; nothing is written then.
     """
     device = detect_device()
     tokenizer = load_tokenizer(cfg.model, adapter_dir)
-    prompts = [encode_generation_prompt(tokenizer, prompt_turns(r["messages"])) for r in sample_conversations]
     evaluated = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(adapter_dir))
     evaluated_logits = _prompt_logits(evaluated.eval(), prompts)
     del evaluated
@@ -121,16 +123,16 @@ def merge_adapter(
                                 cfg.merge.quantized_parity_tolerance)):
         if not value <= limit:  # also catches NaN
             raise MergeError(f"merged logits differ by {value:.3g} (relative) > {name}={limit}")
-    _save_merged(merged, tokenizer, out_dir)
+    _save_merged(merged, tokenizer, out_dir, stop_ids)
     (out_dir / "merge_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
 
-def _save_merged(model: Any, tokenizer: Any, out_dir: Path) -> None:
+def _save_merged(model: Any, tokenizer: Any, out_dir: Path, stop_ids: Sequence[int]) -> None:
     # A quantisation config would make loaders try to re-quantise already de-quantised weights.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = list(stop_ids)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     out_dir.mkdir(parents=True, exist_ok=True)

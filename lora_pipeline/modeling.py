@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +17,33 @@ logger = logging.getLogger(__name__)
 
 
 def detect_device() -> torch.device:
-    """The device this process trains and evaluates on: its CUDA device if there is one, else the CPU."""
-    if torch.cuda.is_available():
-        # Under accelerate/torchrun each rank owns the GPU named by LOCAL_RANK (set as current by accelerate).
+    """The device this process trains and evaluates on: its own CUDA device if there is one, else the CPU.
+
+    Under torchrun/accelerate every rank owns the GPU at index ``LOCAL_RANK`` (modulo the visible GPUs,
+    as accelerate maps it, so a launcher that shows each rank only its own GPU gets cuda:0). The current
+    CUDA device is not a substitute: it is cuda:0 on every rank until accelerate sets it, which happens
+    only when the trainer's arguments are built, after the base model was loaded. Without LOCAL_RANK
+    (one process) the current device is used.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda", int(local_rank) % torch.cuda.device_count())
 
 
 def select_compute_dtype(requested: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype:
     """Pick the matmul dtype for ``quant.compute_dtype``.
 
-    ``auto`` gives bfloat16 on GPUs that support it, float16 on older GPUs and float32 on CPUs: CPU bf16
-    matmul without AVX-512-bf16 is ~100x slower than float32 (measured 1.3 vs 120 GFLOP/s on this machine).
+    ``auto`` gives bfloat16 only on GPUs with native bf16 units (compute capability >= 8, Ampere on; ROCm),
+    float16 on older GPUs and float32 on CPUs. Pre-Ampere GPUs only *emulate* bf16 (no tensor-core path,
+    while their fp16 runs on tensor cores), yet ``torch.cuda.is_bf16_supported()`` counts emulation as
+    support by default, hence ``including_emulation=False``. CPU bf16 matmul without AVX-512-bf16 is
+    ~100x slower than float32 (measured 1.3 vs 120 GFLOP/s on this machine).
+
+    The probe reads the *current* CUDA device (cuda:0 on every rank before accelerate sets it): ranks
+    must agree on one dtype anyway, so a node mixing GPU generations needs an explicit compute_dtype.
 
     Args:
         requested: "auto" or an explicit dtype name.
@@ -42,7 +58,7 @@ def select_compute_dtype(requested: str, device: torch.device, bf16_supported: b
     if device.type != "cuda":
         return torch.float32
     if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.bfloat16 if bf16_supported else torch.float16
 
 
@@ -112,7 +128,8 @@ def load_base_model(
     Args:
         model_cfg: where the weights are, revision and remote-code policy.
         quant: 4-bit / 8-bit / none, and the compute dtype.
-        device: target device; quantised weights are placed by bitsandbytes on it.
+        device: target device (this rank's own GPU, see :func:`detect_device`); a quantised base is
+            loaded straight onto it through ``device_map``, as bitsandbytes quantises while loading.
         quantize: False loads the full-precision base even when ``quant`` asks for 4-bit (the
             reference a user would otherwise serve).
     """

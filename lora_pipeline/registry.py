@@ -1,19 +1,32 @@
-"""Register the merged model in the MLflow Model Registry: transformers flavor, lineage, idempotent.
+"""Register a fine-tuned model in the MLflow Model Registry: transformers flavor, lineage, idempotent.
 
 A pipeline run that is retried (same ``run_key``) gets back the version it registered the first
 time instead of a duplicate. The model is logged with the MLflow transformers flavor under the
 ``llm/v1/chat`` inference task: the pyfunc/serving signature takes OpenAI-style chat messages,
 while ``mlflow.transformers.load_model`` returns a plain ``text-generation`` pipeline.
+
+Two storage forms (version tag ``store``):
+
+- ``merged``: the full merged model (self-contained; as large as the base).
+- ``adapter``: MLflow's own PEFT form, logged with ``base_model_path``: only the LoRA adapter (``peft/``)
+  and the tokenizer are stored, plus the base's absolute local directory (flavor key
+  ``local_base_model_path``); ``mlflow.transformers.load_model`` loads that base and applies the adapter.
+  Without ``base_model_path`` MLflow would reference the base by hub id and the *latest* hub commit
+  (looked up online at logging time), and copy the full base weights for a local directory.
+
+MLflow's adapter form stores no generation config: a plain load gets the *base's* stop ids. So the
+logged model's generation config (the full EOS set) is also kept in the MLmodel metadata, restored by
+:func:`load_text_generation`, and passed as ``model_config`` so MLflow's pyfunc serving stops there too.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from mlflow.exceptions import MlflowException
 from packaging.version import Version
@@ -32,6 +45,11 @@ INFERENCE_TASK = "llm/v1/chat"
 MODEL_ARTIFACT_NAME = "model"
 ADAPTER_ARTIFACT_PATH = "adapter"
 RUN_KEY_TAG = "run_key"
+#: Version tags: the storage form, the base as given, and the base directory an adapter-form version loads.
+STORE_TAG, BASE_MODEL_TAG, BASE_MODEL_PATH_TAG = "store", "base_model", "base_model_path"
+#: MLmodel metadata key holding the logged model's generation config (as ``GenerationConfig.to_diff_dict``).
+GENERATION_CONFIG_KEY = "generation_config"
+Store = Literal["merged", "adapter"]
 #: Pinned into the model's requirements.txt (MLflow adds itself). Explicit because MLflow's
 #: inference imports every installed integration and fails without torchvision.
 _REQUIREMENTS = ("torch", "transformers", "accelerate", "safetensors", "tokenizers")
@@ -57,14 +75,17 @@ class RegisteredVersion:
     created: bool
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(packages: Sequence[str] = _REQUIREMENTS) -> list[str]:
     """Exact versions of the installed inference stack (local tags like ``+cpu`` dropped).
+
+    Args:
+        packages: Distribution names to pin (default: the stack every stored form needs).
 
     Returns:
         e.g. ``["torch==2.13.0", "transformers==5.23.0", ...]``; packages not installed are skipped.
     """
     pins = []
-    for package in _REQUIREMENTS:
+    for package in packages:
         try:
             pins.append(f"{package}=={Version(version(package)).public}")
         except PackageNotFoundError:
@@ -114,6 +135,107 @@ def _chat_example(input_example: Any) -> dict[str, Any]:
     raise TypeError("input_example must be a prompt string, a list of chat messages or a dict with 'messages'")
 
 
+@dataclass(frozen=True)
+class _ModelSource:
+    """What one registration logs: a merged model dir, or an adapter dir on a local base dir."""
+
+    store: Store
+    model_dir: Path | None  # merged form
+    adapter_dir: Path | None
+    base_dir: Path | None  # adapter form: the resolved local base directory MLflow references
+    base_model: str | None  # the base as the caller named it (local path or hub id)
+
+    @property
+    def card_dir(self) -> Path:
+        return self.model_dir if self.store == "merged" else self.adapter_dir  # type: ignore[return-value]
+
+    def tags(self) -> dict[str, str]:
+        tags = {STORE_TAG: self.store}
+        if self.base_model is not None:
+            tags[BASE_MODEL_TAG] = self.base_model
+        if self.base_dir is not None:
+            tags[BASE_MODEL_PATH_TAG] = str(self.base_dir)
+        return tags
+
+
+def resolve_base_dir(base_model: str, revision: str | None = None) -> Path:
+    """The local Hugging Face model directory of ``base_model``, without network access.
+
+    A hub id resolves to its snapshot of ``revision`` in the local hub cache (where training
+    downloaded it): MLflow's own hub reference would record the hub's *latest* commit instead of the
+    pinned revision, and needs the Hub at logging time.
+
+    Args:
+        base_model: Local model directory, or hub id.
+        revision: Hub revision (branch, tag or commit) of a hub id; ignored for a directory.
+
+    Returns:
+        The absolute directory (it has a ``config.json``).
+
+    Raises:
+        FileNotFoundError: not a model directory, and not a hub id cached locally at ``revision``.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    path = Path(base_model).expanduser()
+    if not path.is_dir():
+        try:
+            path = Path(snapshot_download(base_model, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError) as exc:
+            raise FileNotFoundError(f"base model {base_model!r} is neither a local directory nor in the local "
+                                    f"Hugging Face cache at revision {revision or 'main'}: {exc}") from exc
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face model (config.json) in base directory {path}")
+    return path.resolve()
+
+
+def _model_source(store: str, model_dir: Path | None, adapter_dir: Path | None, base_model: str | None,
+                  base_revision: str | None) -> _ModelSource:
+    """Check what ``store`` needs before anything is logged; resolve the base of the adapter form."""
+    if store not in get_args(Store):
+        raise ValueError(f"store must be one of {get_args(Store)}, got {store!r}")
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+    if store == "merged":
+        if model_dir is None:
+            raise ValueError("store='merged' needs model_dir (the merged model)")
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"no Hugging Face model (config.json) in {model_dir}")
+        return _ModelSource("merged", Path(model_dir), adapter_dir, None, base_model)
+    if adapter_dir is None or base_model is None:
+        raise ValueError("store='adapter' needs adapter_dir and base_model (local directory or hub id)")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter_dir}")
+    return _ModelSource("adapter", None, adapter_dir, resolve_base_dir(base_model, base_revision), base_model)
+
+
+def _components(source: _ModelSource, eos_token_ids: list[int] | None) -> dict[str, Any]:
+    """The model (plain, or a ``PeftModel`` on its base) and tokenizer to log, carrying the stop set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source.store == "merged":
+        model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype="auto")
+        tokenizer_dir = source.model_dir
+    else:
+        from peft import PeftModel
+
+        # The base in full precision, as MLflow will load it: a registered model must not need
+        # bitsandbytes (a QLoRA adapter was trained on the 4-bit base; see merge.py for the parity).
+        base = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype="auto")
+        model = PeftModel.from_pretrained(base, str(source.adapter_dir))
+        # Training saves the tokenizer (with the chat template it trained on) next to the adapter.
+        has_tokenizer = (source.adapter_dir / "tokenizer_config.json").is_file()
+        tokenizer_dir = source.adapter_dir if has_tokenizer else source.base_dir
+    if eos_token_ids is not None:
+        # A PeftModel shares its base's GenerationConfig object, so this sets what MLflow saves and serves.
+        model.generation_config.eos_token_id = list(eos_token_ids)
+    return {"model": model, "tokenizer": AutoTokenizer.from_pretrained(tokenizer_dir)}
+
+
+def _eos_list(eos: Any) -> list[int]:
+    return [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+
+
 def _model_card(model_dir: Path, name: str) -> Any:
     """The checkpoint's own card (README.md) if it has one, else a minimal local card.
 
@@ -129,18 +251,17 @@ def _model_card(model_dir: Path, name: str) -> Any:
                      "Fine-tuned by lora-pipeline. Lineage: see the model version tags.\n")
 
 
-def _log_transformers_model(tracking_uri: str, run_id: str, model_dir: Path, input_example: Any,
-                            lineage: dict[str, str], name: str) -> str:
-    """Log ``model_dir`` with the transformers flavor into ``run_id``; returns the logged model id."""
+def _log_transformers_model(tracking_uri: str, run_id: str, source: _ModelSource, input_example: Any,
+                            lineage: dict[str, str], name: str, eos_token_ids: list[int] | None) -> str:
+    """Log ``source`` with the transformers flavor into ``run_id``; returns the logged model id."""
     import mlflow.transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Components, not the checkpoint path: MLflow 3.17's local-checkpoint path breaks on
     # transformers 5 (pipelines.check_task returns the pipeline class as a string).
-    components = {
-        "model": AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto"),
-        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
-    }
+    components = _components(source, eos_token_ids)
+    generation_config = components["model"].generation_config
+    stop_ids = _eos_list(generation_config.eos_token_id)
+    adapter_form = source.store == "adapter"
     client = mlflow_client(tracking_uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     # Created here rather than by log_model, which would take the experiment from global state
@@ -153,8 +274,14 @@ def _log_transformers_model(tracking_uri: str, run_id: str, model_dir: Path, inp
             name=MODEL_ARTIFACT_NAME,
             task=INFERENCE_TASK,  # signature is then fixed by MLflow (chat request/response)
             input_example=_chat_example(input_example),
-            pip_requirements=pip_requirements(),
-            model_card=_model_card(model_dir, name),
+            pip_requirements=pip_requirements((*_REQUIREMENTS, "peft") if adapter_form else _REQUIREMENTS),
+            model_card=_model_card(source.card_dir, name),
+            # Adapter form: only the adapter is stored, the base is referenced by its directory
+            # (flavor key local_base_model_path; checked against MLflow 3.17).
+            base_model_path=str(source.base_dir) if adapter_form else None,
+            metadata={GENERATION_CONFIG_KEY: generation_config.to_diff_dict()},
+            # Passed to the pipeline on every pyfunc predict: MLflow serving stops at the whole set.
+            model_config={"eos_token_id": stop_ids} if stop_ids else None,
             run_id=run_id,
             model_id=logged.model_id,
         )
@@ -174,48 +301,65 @@ def register_model(
     *,
     tracking_uri: str,
     run_id: str,
-    model_dir: Path,
     registry_cfg: RegistryConfig,
     run_key: str,
     tags: Mapping[str, str],
     input_example: Any,
+    model_dir: Path | None = None,
     adapter_dir: Path | None = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    store: Store | None = None,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> RegisteredVersion:
-    """Log ``model_dir`` (transformers flavor) into the run and register it, once per run key.
+    """Log the model (transformers flavor) into the run and register it, once per run key.
 
     Args:
         tracking_uri: Tracking/registry store URI (the registry lives in the tracking store).
         run_id: Pipeline run that receives the model (and adapter) artifacts.
-        model_dir: Hugging Face model dir: safetensors weights, tokenizer with chat template,
-            generation config with eos ids.
-        registry_cfg: Registered model name.
-        run_key: Identity of this pipeline run; a version already tagged with it is returned.
+        registry_cfg: Registered model name, and the default ``store``.
+        run_key: Identity of this pipeline run; a version already tagged with it is returned,
+            whatever form it was stored in.
         tags: Lineage (data_hash, config_hash, base_model, flow_run_id, git_commit, metrics...);
-            set, masked, on the model version, the logged model and the run, plus ``run_key``.
+            set, masked, on the model version, the logged model and the run, plus ``run_key``,
+            ``store`` and, when given, ``base_model`` (and ``base_model_path`` for the adapter form).
         input_example: Prompt string, list of chat messages, or ``{"messages": [...], ...}``.
-        adapter_dir: LoRA adapter dir, logged as run artifact ``adapter`` (for serving on a shared
+        model_dir: Merged Hugging Face model dir (needed by ``store="merged"``): safetensors
+            weights, tokenizer with chat template, generation config.
+        adapter_dir: LoRA adapter dir as training saves it (adapter + tokenizer; needed by
+            ``store="adapter"``). Also logged as run artifact ``adapter`` (for serving on a shared
             base); its URI is added to the tags as ``adapter_uri``.
+        base_model: The adapter's base (needed by ``store="adapter"``): a local model directory
+            (a GGUF base: its converted directory), or a hub id cached locally (see
+            :func:`resolve_base_dir`). The version references that directory: keep it in place.
+        base_revision: Hub revision of a hub-id ``base_model``.
+        store: ``"merged"`` or ``"adapter"``; None takes ``registry_cfg.store``.
+        eos_token_ids: The full stop set; the logged model's ``generation_config.eos_token_id``
+            becomes exactly this list. None keeps the model's (or base's) own generation config.
 
     Returns:
         The version; ``created`` tells whether this call created it.
 
     Raises:
-        FileNotFoundError: ``model_dir`` or ``adapter_dir`` is missing.
-        ValueError: the model name or run key contains a quote.
+        FileNotFoundError: the model dir, adapter dir or base is missing.
+        ValueError: the model name or run key contains a quote; ``store`` lacks its inputs;
+            ``eos_token_ids`` is empty.
         MlflowException: the store refused an operation.
     """
     name = registry_cfg.model_name
-    if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face model (config.json) in {model_dir}")
+    source = _model_source(store or registry_cfg.store, model_dir, adapter_dir, base_model, base_revision)
+    eos = [int(i) for i in eos_token_ids] if eos_token_ids is not None else None
+    if eos is not None and not eos:
+        raise ValueError("eos_token_ids must name at least one token id (or be None)")
     existing = find_version_by_run_key(tracking_uri, name, run_key)
     if existing is not None:
         logger.info("run_key %s already registered as %s", run_key, existing.model_uri)
         return existing
-    lineage = masked_tags({**tags, RUN_KEY_TAG: run_key})
+    lineage = masked_tags({**tags, RUN_KEY_TAG: run_key, **source.tags()})
     if adapter_dir is not None:
         log_artifacts(tracking_uri, run_id, Path(adapter_dir), ADAPTER_ARTIFACT_PATH)
         lineage["adapter_uri"] = f"runs:/{run_id}/{ADAPTER_ARTIFACT_PATH}"
-    model_id = _log_transformers_model(tracking_uri, run_id, Path(model_dir), input_example, lineage, name)
+    model_id = _log_transformers_model(tracking_uri, run_id, source, input_example, lineage, name, eos)
     # Logging takes seconds; checking again here shrinks the check-then-create window.
     existing = find_version_by_run_key(tracking_uri, name, run_key)
     if existing is not None:
@@ -245,22 +389,94 @@ def register_model(
                              model_uri=f"models:/{name}/{created.version}", created=True)
 
 
-def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None = None) -> Pipeline:
-    """Load a registered model as a transformers ``text-generation`` pipeline.
+def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None = None, *,
+                         base_model_path: Path | None = None) -> Pipeline:
+    """Load a registered model, either form, as a transformers ``text-generation`` pipeline.
 
     Args:
         model_uri: ``models:/NAME/VERSION`` (or any MLflow model URI).
         tracking_uri: Tracking/registry store URI that resolves ``models:/`` URIs.
         dst_dir: Existing directory to download the artifacts to (a new temp dir when None).
+        base_model_path: Adapter form only: load the base from here instead of the directory
+            recorded at registration (e.g. another machine's mount of the same base).
 
     Returns:
-        The pipeline; it accepts a prompt or a list of chat messages (the chat template is
-        applied) and stops at the model's eos ids from ``generation_config.json``.
+        The pipeline; its model is a ``PeftModel`` (base + adapter) for the adapter form. It accepts
+        a prompt or a list of chat messages (the chat template is applied) and stops at every id of
+        the generation config logged with the model.
+
+    Raises:
+        FileNotFoundError: an adapter-form version whose base directory is not there.
     """
     import mlflow.transformers
+    from mlflow.models import get_model_info
 
     with fluent_tracking_uri(tracking_uri):
-        return mlflow.transformers.load_model(model_uri, dst_path=str(dst_dir) if dst_dir else None)
+        info = get_model_info(model_uri)
+        base_dir = base_model_path or info.flavors["transformers"].get("local_base_model_path")
+        if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"{model_uri} stores an adapter on the base model at {base_dir}, which is not "
+                                    "there: restore it, or pass base_model_path")
+        pipe = mlflow.transformers.load_model(model_uri, dst_path=str(dst_dir) if dst_dir else None,
+                                              base_model_path=str(base_model_path) if base_model_path else None)
+    if stored := (info.metadata or {}).get(GENERATION_CONFIG_KEY):
+        _set_generation_config(pipe.model, stored)
+    return pipe
+
+
+def _set_generation_config(model: Any, stored: dict[str, Any]) -> None:
+    """Restore the logged generation config (versions logged before it was stored keep their own)."""
+    from peft import PeftModel
+    from transformers import GenerationConfig
+
+    # On the transformers model itself: PeftModel.generate runs the base model's generate().
+    target = model.get_base_model() if isinstance(model, PeftModel) else model
+    target.generation_config = GenerationConfig.from_dict(stored)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered version ready to generate.
+
+    Attributes:
+        model: The causal LM: a ``PeftModel`` (base + adapter) for an adapter-form version unless
+            loaded with ``merge_adapter``; ``generation_config.eos_token_id`` is the registered stop set.
+        tokenizer: Its tokenizer, with the chat template it was trained with.
+        store: ``"merged"`` or ``"adapter"``: how the version is stored.
+    """
+
+    model: Any
+    tokenizer: Any
+    store: Store
+
+
+def load_registered_model(model_uri: str, tracking_uri: str, dst_dir: Path | None = None, *,
+                          merge_adapter: bool = False, base_model_path: Path | None = None) -> LoadedModel:
+    """Load a registered version, either form, as model + tokenizer (see :func:`load_text_generation`).
+
+    Args:
+        model_uri: ``models:/NAME/VERSION`` (or any MLflow model URI).
+        tracking_uri: Tracking/registry store URI that resolves ``models:/`` URIs.
+        dst_dir: Existing directory to download the artifacts to (a new temp dir when None).
+        merge_adapter: Merge an adapter-form version's adapter into its base in memory
+            (``merge_and_unload(safe_merge=True)``): as fast as a merged model, for serving. Off, the
+            ``PeftModel`` computes exactly what was registered (evaluation).
+        base_model_path: Adapter form only: where the base is, if not where it was at registration.
+
+    Raises:
+        FileNotFoundError: an adapter-form version whose base directory is not there.
+        MergeError: the in-memory merge left LoRA layers behind.
+    """
+    from peft import PeftModel
+
+    pipe = load_text_generation(model_uri, tracking_uri, dst_dir, base_model_path=base_model_path)
+    model = pipe.model
+    store: Store = "adapter" if isinstance(model, PeftModel) else "merged"
+    if merge_adapter and store == "adapter":
+        from lora_pipeline.merge import merge_lora
+
+        model = merge_lora(model)  # the base's generation config (the stop set) stays on it
+    return LoadedModel(model=model.eval(), tokenizer=pipe.tokenizer, store=store)
 
 
 #: Aliases the pipeline manages. ``candidate``: the newest version that passed the gate;
@@ -287,6 +503,13 @@ def version_by_alias(tracking_uri: str, name: str, alias: str) -> str | None:
 def aliases(tracking_uri: str, name: str) -> dict[str, str]:
     """Every alias of a registered model: ``{alias: version}``."""
     return {alias: str(version) for alias, version in mlflow_client(tracking_uri).get_registered_model(name).aliases.items()}
+
+
+def set_version_tags(tracking_uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Set (masked) tags on one model version, e.g. the gate decision of a later run of the same training."""
+    client = mlflow_client(tracking_uri)
+    for key, value in masked_tags(tags).items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def set_candidate(tracking_uri: str, name: str, version: str) -> None:

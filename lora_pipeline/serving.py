@@ -159,13 +159,16 @@ def parse_model_reference(reference: str) -> tuple[str, str]:
 
 
 def load_registered_generator(tracking_uri: str, reference: str) -> tuple[TextGenerator, dict[str, str]]:
-    """Load ``NAME@ALIAS`` from the registry; returns the generator and what was loaded (name, alias, version)."""
-    from lora_pipeline.registry import load_text_generation, version_by_alias
+    """Load ``NAME@ALIAS`` from the registry, merged or adapter form; returns the generator and what was
+    loaded (name, alias, version)."""
+    from lora_pipeline.registry import load_registered_model, version_by_alias
 
     name, alias = parse_model_reference(reference)
     version = version_by_alias(tracking_uri, name, alias)
     if version is None:
         raise LookupError(f"registered model {name!r} has no alias {alias!r} in {tracking_uri}")
     # By version, not alias: the alias may move while this server runs; it keeps serving what it loaded.
-    pipe = load_text_generation(f"models:/{name}/{version}", tracking_uri)
-    return TextGenerator(pipe.model, pipe.tokenizer), {"name": name, "alias": alias, "version": version}
+    # An adapter is merged into its base in memory: one adapter per server, so unmerged LoRA matmuls
+    # would only slow every token down.
+    loaded = load_registered_model(f"models:/{name}/{version}", tracking_uri, merge_adapter=True)
+    return TextGenerator(loaded.model, loaded.tokenizer), {"name": name, "alias": alias, "version": version}

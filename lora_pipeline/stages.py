@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.base_model import base_fingerprint, convert_gguf, is_gguf_file, model_stop_ids
 from lora_pipeline.chat_templates import turn_markers
-from lora_pipeline.config import BUILTIN_DEMO, PipelineConfig
-from lora_pipeline.data import ValidationResult, read_messages, validate_dataset
+from lora_pipeline.config import AUTO, BASE_ANSWERS, BUILTIN_DEMO, PipelineConfig, RegistryConfig
+from lora_pipeline.data import ValidationResult, validate_dataset
 from lora_pipeline.demo_world import ensure_demo_world
-from lora_pipeline.evaluation import (
-    EvalSuites,
-    comparison_table,
-    evaluate_model,
-    write_comparison_chart,
-    write_metrics,
-)
-from lora_pipeline.formatting import format_dataset
+from lora_pipeline.formatting import check_tokenizer, format_dataset
 from lora_pipeline.merge import merge_adapter
-from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
+from lora_pipeline.modeling import load_tokenizer
+from lora_pipeline.suites import GENERAL_TEXT, load_eval_suites, sample_prompts, write_references
 from lora_pipeline.training import LOSS_CURVE_FILENAME, train_qlora
 
 logger = logging.getLogger(__name__)
@@ -34,38 +30,90 @@ class StageError(RuntimeError):
     """A stage refused to continue; the message names the rule and where to look."""
 
 
-def resolve_assets(cfg: PipelineConfig) -> PipelineConfig:
-    """Replace every ``builtin:demo`` path by the cached demo world (built on first use)."""
-    builtin = {
-        "model": cfg.model.name_or_path == BUILTIN_DEMO,
-        "data": cfg.data.path == BUILTIN_DEMO,
-        "eval_path": cfg.data.eval_path == BUILTIN_DEMO,
-        "qa": cfg.eval.regression_qa_path == BUILTIN_DEMO,
-        "text": cfg.eval.regression_text_path == BUILTIN_DEMO,
-    }
-    if not any(builtin.values()):
-        return cfg
-    world = ensure_demo_world(cfg.demo, cfg.output_dir / "cache" / "demo-world", log=logger.info)
-    model = cfg.model.model_copy(update={"name_or_path": str(world.model_dir)} if builtin["model"] else {})
-    data = cfg.data.model_copy(update={
-        **({"path": str(world.train_path)} if builtin["data"] else {}),
-        **({"eval_path": str(world.eval_path)} if builtin["eval_path"] else {}),
+@dataclass(frozen=True)
+class ResolvedAssets:
+    """The config with every input made concrete, and the identity of the base weights (for the run key)."""
+
+    config: PipelineConfig
+    base_fingerprint: str
+
+
+def resolve_assets(cfg: PipelineConfig) -> ResolvedAssets:
+    """Make every input concrete: ``builtin:demo`` paths point at the cached demo world (built on first
+    use), a ``.gguf`` base at its cached de-quantised directory, ``auto`` regression suites at the demo's
+    (for the demo model) or the package's general ones; and fingerprint the base weights."""
+    demo_model = cfg.model.name_or_path == BUILTIN_DEMO
+    qa, text = cfg.eval.regression_qa_path, cfg.eval.regression_text_path
+    qa = (BUILTIN_DEMO if demo_model else BASE_ANSWERS) if qa == AUTO else qa
+    text = (BUILTIN_DEMO if demo_model else str(GENERAL_TEXT)) if text == AUTO else text
+    model_path, data_path, eval_path = cfg.model.name_or_path, cfg.data.path, cfg.data.eval_path
+    if eval_path is None and data_path == BUILTIN_DEMO:
+        eval_path = BUILTIN_DEMO  # the demo world ships its own held-out rows
+    if BUILTIN_DEMO in (model_path, data_path, eval_path, qa, text):
+        world = ensure_demo_world(cfg.demo, cfg.output_dir / "cache" / "demo-world", log=logger.info)
+        demo_paths = {"model": world.model_dir, "data": world.train_path, "eval": world.eval_path,
+                      "qa": world.regression_qa_path, "text": world.regression_text_path}
+        model_path, data_path, eval_path, qa, text = (
+            str(demo_paths[key]) if value == BUILTIN_DEMO else value
+            for key, value in (("model", model_path), ("data", data_path), ("eval", eval_path), ("qa", qa),
+                               ("text", text)))
+    model_path = local_base_path(model_path, cfg)
+    resolved = cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"name_or_path": model_path}),
+        "data": cfg.data.model_copy(update={"path": data_path, "eval_path": eval_path}),
+        "eval": cfg.eval.model_copy(update={"regression_qa_path": qa, "regression_text_path": text}),
     })
-    evaluation = cfg.eval.model_copy(update={
-        **({"regression_qa_path": str(world.regression_qa_path)} if builtin["qa"] else {}),
-        **({"regression_text_path": str(world.regression_text_path)} if builtin["text"] else {}),
-    })
-    return cfg.model_copy(update={"model": model, "data": data, "eval": evaluation})
+    return ResolvedAssets(resolved, base_fingerprint(model_path, cfg.model.revision))
+
+
+def local_base_path(name_or_path: str, cfg: PipelineConfig) -> str:
+    """``name_or_path``, or for a ``.gguf`` file its de-quantised directory (converted once, cached by hash)."""
+    if is_gguf_file(name_or_path):
+        return str(convert_gguf(Path(name_or_path), cfg.output_dir / "cache" / "gguf", log=logger.info))
+    return name_or_path
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Refuse, before any run starts, a user's base whose tokenizer cannot be trained on (the demo's can).
+
+    Raises:
+        FormatError: ``<rule>: <why>``.
+    """
+    if cfg.model.name_or_path == BUILTIN_DEMO:
+        return
+    model = cfg.model.model_copy(update={"name_or_path": local_base_path(cfg.model.name_or_path, cfg)})
+    training_tokenizer(cfg.model_copy(update={"model": model}))
+
+
+def stop_ids(cfg: PipelineConfig, tokenizer: Any) -> list[int]:
+    """The base model's whole stop set (EOS, end-of-turn token, generation config's eos ids)."""
+    return model_stop_ids(cfg.model.name_or_path, cfg.model.revision, tokenizer)
+
+
+def training_tokenizer(cfg: PipelineConfig) -> tuple[Any, list[int]]:
+    """The base tokenizer (with ``model.chat_template``) and its stop set, refused early if unusable.
+
+    Raises:
+        FormatError: ``<rule>: <why>`` (see :func:`lora_pipeline.formatting.check_tokenizer`).
+    """
+    tokenizer = load_tokenizer(cfg.model)
+    stops = stop_ids(cfg, tokenizer)
+    check_tokenizer(tokenizer, stops, chat=cfg.data.format != "text")
+    return tokenizer, stops
 
 
 def check_data(cfg: PipelineConfig, out_dir: Path) -> ValidationResult:
     """Clean, quarantine and GX-validate the training rows into ``out_dir`` (never raises on bad rows).
 
     The training tokenizer (with its chat template) templates and truncates every row as training will,
-    and held-out eval/regression files are used to decontaminate the training set.
+    and held-out eval/regression files are used to decontaminate the training set. With
+    ``data.eval_path`` unset, the held-out split is written beside the clean rows.
+
+    Raises:
+        FormatError: the tokenizer cannot be trained on (checked once, before any row).
     """
-    tokenizer = load_tokenizer(cfg.model)
-    held_out = [Path(p) for p in (cfg.data.eval_path, cfg.eval.regression_qa_path) if p]
+    tokenizer, stops = training_tokenizer(cfg)
+    held_out = [Path(p) for p in (cfg.data.eval_path, cfg.eval.regression_qa_path) if p and p != BASE_ANSWERS]
     return validate_dataset(
         cfg.data,
         cfg.data.path,
@@ -73,6 +121,8 @@ def check_data(cfg: PipelineConfig, out_dir: Path) -> ValidationResult:
         special_tokens=[*tokenizer.all_special_tokens, *turn_markers(cfg.model.chat_template)],
         decontaminate_against=[p for p in held_out if p.is_file()],
         tokenizer=tokenizer,
+        stop_ids=stops,
+        held_out_fraction=cfg.data.eval_fraction if cfg.data.eval_path is None else None,
     )
 
 
@@ -90,6 +140,7 @@ def validate_data(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         "n_quarantined": result.n_quarantined,
         "reason_counts": result.reason_counts,
         "report_path": str(result.report_path),
+        "n_held_out": result.n_held_out,
     }
 
 
@@ -112,10 +163,11 @@ def log_data_artifacts(tracking_info: dict[str, str], data_dir: Path) -> list[st
 
 
 def format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict[str, Any]:
-    """Apply the chat template, mask non-assistant tokens and prove every answer ends in a trained EOS."""
+    """Apply the chat template, mask non-assistant tokens and prove every answer ends in a trained stop token."""
     tokenizer = load_tokenizer(cfg.model)
     out_dir = run_dir / "formatted"
-    report = format_dataset(tokenizer, clean_path, out_dir / "tokenized.jsonl", cfg.data.max_length)
+    report = format_dataset(tokenizer, clean_path, out_dir / "tokenized.jsonl", cfg.data.max_length,
+                            stop_ids(cfg, tokenizer), chat=cfg.data.format != "text")
     (out_dir / "format_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     if report.n_written < cfg.data.min_rows:
         raise StageError(
@@ -126,86 +178,6 @@ def format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict
     # The flow passes small dicts: the full list of rejected lines stays in format_report.json.
     summary = {k: v for k, v in report.to_dict().items() if k != "rejected_lines"}
     return {"tokenized_path": str(out_dir / "tokenized.jsonl"), "n_rejected": len(report.rejected_lines), **summary}
-
-
-def load_eval_suites(cfg: PipelineConfig) -> EvalSuites:
-    """Held-out task rows, regression Q/A and regression text, each capped at ``eval.max_samples``."""
-    limit, suites = cfg.eval.max_samples, cfg.eval.suites
-    task = read_messages(cfg.data.eval_path, cfg.data.format)[:limit] if cfg.data.eval_path else []
-    qa_path, text_path = cfg.eval.regression_qa_path, cfg.eval.regression_text_path
-    with_regression = "regression" in suites
-    qa = read_messages(qa_path, "messages")[:limit] if qa_path and with_regression else []
-    text = [row["text"] for row in read_messages(text_path, "text")[:limit]] if text_path and with_regression else []
-    lm_eval_tasks = tuple(s.removeprefix("lm_eval:") for s in suites if s.startswith("lm_eval:"))
-    # The task rows are loaded even without the `task` suite: merge parity and the registry's input
-    # example use them. Scoring them is what the suite switches.
-    return EvalSuites(task=task, regression_qa=qa, regression_text=text, lm_eval_tasks=lm_eval_tasks,
-                      lm_eval_limit=limit, score_task="task" in suites)
-
-
-def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path | None = None) -> dict[str, float]:
-    """Score the base model (``adapter_dir`` None, full precision: what users would otherwise serve) or
-    the candidate (quantised base + adapter, exactly as trained) with the same function."""
-    from peft import PeftModel  # local: only the candidate path needs it
-
-    device = detect_device()
-    tokenizer = load_tokenizer(cfg.model)
-    if adapter_dir is None:
-        model = load_base_model(cfg.model, cfg.quant, device, quantize=False)
-    else:
-        model = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(adapter_dir)).eval()
-    return _score(cfg, model, tokenizer, run_dir, label)
-
-
-def _score(cfg: PipelineConfig, model: Any, tokenizer: Any, run_dir: Path, label: str) -> dict[str, float]:
-    skipped: list[str] = []
-    metrics = evaluate_model(
-        model, tokenizer, load_eval_suites(cfg),
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, max_length=cfg.data.max_length,
-        generations_path=run_dir / "eval" / f"{label}_generations.jsonl", skipped=skipped,
-    )
-    write_metrics(metrics, run_dir / "eval" / f"{label}.json")
-    for reason in skipped:
-        logger.warning("%s: %s", label, reason)
-    if skipped:
-        (run_dir / "eval" / f"{label}_skipped.json").write_text(json.dumps(skipped, indent=2))
-    return metrics
-
-
-def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run_key: str) -> dict[str, Any] | None:
-    """Score the registered ``champion`` on this run's suites, with the same function as the candidate.
-
-    Returns:
-        ``{"version", "run_key", "metrics"}``, or None when there is no champion yet or the champion
-        is this very training (same run key: comparing it with itself says nothing).
-    """
-    import shutil
-
-    from lora_pipeline.registry import CHAMPION_ALIAS, RUN_KEY_TAG, load_text_generation, mlflow_client, version_by_alias
-
-    name = cfg.registry.model_name
-    version = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)
-    if version is None:
-        return None
-    champion_key = mlflow_client(tracking_uri).get_model_version(name, version).tags.get(RUN_KEY_TAG, "")
-    if champion_key == run_key:
-        return {"version": version, "run_key": champion_key, "metrics": None}
-    download = run_dir / "champion_model"
-    download.mkdir(parents=True, exist_ok=True)
-    try:
-        pipe = load_text_generation(f"models:/{name}/{version}", tracking_uri, dst_dir=download)
-        metrics = _score(cfg, pipe.model, pipe.tokenizer, run_dir, "champion")
-    finally:  # a full model copy; the registry keeps the original
-        shutil.rmtree(download, ignore_errors=True)
-    return {"version": version, "run_key": champion_key, "metrics": metrics}
-
-
-def compare_models(run_dir: Path, results: dict[str, dict[str, float]]) -> dict[str, str]:
-    """Write the base / candidate / champion comparison as ``eval/comparison.json`` and ``comparison.png``."""
-    table_path = run_dir / "eval" / "comparison.json"
-    table_path.write_text(json.dumps(comparison_table(results), indent=2, sort_keys=True))
-    chart_path = write_comparison_chart(results, run_dir / "eval" / "comparison.png")
-    return {"table": str(table_path), "chart": str(chart_path)}
 
 
 def apply_aliases(cfg: PipelineConfig, tracking_uri: str, version: str, gate_passed: bool) -> dict[str, Any]:
@@ -256,9 +228,13 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
 
 
 def merge(cfg: PipelineConfig, adapter_dir: Path, run_dir: Path) -> dict[str, Any]:
-    """Merge the adapter into the de-quantised base under ``run_dir/merged`` and check logit parity."""
-    samples = load_eval_suites(cfg).task[: cfg.merge.parity_samples]
-    report = merge_adapter(cfg, adapter_dir, run_dir / "merged", samples)
+    """Merge the adapter into the de-quantised base under ``run_dir/merged`` and check logit parity.
+
+    The merged model stops on the base's whole stop set (``generation_config.eos_token_id`` is a list).
+    """
+    tokenizer = load_tokenizer(cfg.model, adapter_dir)
+    prompts = sample_prompts(tokenizer, load_eval_suites(cfg, run_dir), cfg.merge.parity_samples)
+    report = merge_adapter(cfg, adapter_dir, run_dir / "merged", prompts, stop_ids(cfg, tokenizer))
     return report.to_dict()
 
 
@@ -275,27 +251,49 @@ def open_tracking(cfg: PipelineConfig, run_dir: Path, flow_run_id: str) -> dict[
     return {"tracking_uri": uri, "run_id": run_id}
 
 
+def registration_store(registry: RegistryConfig, gate_passed: bool) -> str:
+    """How a version is stored: ``registry.store`` for one that passed the gate; a failing one keeps only
+    its adapter and a reference to its base (it is kept for the record, not to be served)."""
+    return registry.store if gate_passed else "adapter"
+
+
 def register(
     cfg: PipelineConfig,
-    merged_dir: Path,
+    merged_dir: Path | None,
     adapter_dir: Path,
+    run_dir: Path,
     tracking_info: dict[str, str],
     run_key: str,
     tags: dict[str, str],
+    store: str,
 ) -> dict[str, Any]:
-    """Log the merged model (transformers flavor) and its adapter to the run and register a version."""
-    from lora_pipeline.registry import register_model
+    """Register this run's model once per run key: the merged model, or the adapter + a base reference.
 
-    example_rows = load_eval_suites(cfg).task[:1]
-    input_example = [m for m in example_rows[0]["messages"][:-1]] if example_rows else "Hello"
-    version = register_model(
+    Either form stops on the base's whole stop set. When the run key was registered before (a retry,
+    or a re-run with only gate/eval/registry settings changed), that version is returned and its gate
+    tags are updated to this run's decision, so its lineage says how it was last judged.
+    """
+    from lora_pipeline import registry
+
+    tokenizer = load_tokenizer(cfg.model, adapter_dir)
+    suites = load_eval_suites(cfg, run_dir)
+    input_example = suites.task[0]["messages"][:-1] if suites.task else "Hello"
+    version = registry.register_model(
         tracking_uri=tracking_info["tracking_uri"],
         run_id=tracking_info["run_id"],
-        model_dir=merged_dir,
         registry_cfg=cfg.registry,
         run_key=run_key,
         tags=tags,
         input_example=input_example,
+        model_dir=merged_dir,
         adapter_dir=adapter_dir,
+        base_model=cfg.model.name_or_path,
+        base_revision=cfg.model.revision,
+        store=store,  # type: ignore[arg-type]
+        eos_token_ids=stop_ids(cfg, tokenizer),
     )
-    return {"name": version.name, "version": version.version, "model_uri": version.model_uri, "created": version.created}
+    if not version.created:
+        registry.set_version_tags(tracking_info["tracking_uri"], version.name, version.version,
+                                  {key: tags[key] for key in ("gate_passed", "gate_reasons", "flow_run_id")})
+    return {"name": version.name, "version": version.version, "model_uri": version.model_uri,
+            "created": version.created}

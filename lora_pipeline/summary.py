@@ -49,6 +49,10 @@ class RunSummary:
         finally:
             record["seconds"] = round(time.perf_counter() - started, 2)
 
+    def skip(self, name: str, why: str) -> None:
+        """Record a stage that did not need to run (e.g. no merge for an adapter-only registration)."""
+        self.stages.append({"name": name, "status": "skipped", "seconds": 0.0, "why": why})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "flow_run_id": self.flow_run_id,
@@ -68,3 +72,29 @@ class RunSummary:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
+
+
+def lineage_tags(*, run_key: str, config_hash: str, data_hash: str, base_model: str, base_revision: str | None,
+                 base_fingerprint: str, flow_run_id: str, git_commit: str, gate: dict[str, Any],
+                 evaluations: dict[str, dict[str, float]], store: str) -> dict[str, str]:
+    """The tags a registered version carries: where it came from, how it was judged, how it is stored."""
+    return {
+        "run_key": run_key, "config_hash": config_hash, "data_hash": data_hash, "base_model": base_model,
+        "base_model_revision": base_revision or "", "base_fingerprint": base_fingerprint,
+        "flow_run_id": flow_run_id, "git_commit": git_commit, "gate_passed": str(gate["passed"]),
+        "gate_reasons": "; ".join(gate["reasons"]), "store": store,
+        **{f"eval.{label}.{key}": f"{value:.4f}" for label, metrics in evaluations.items()
+           for key, value in metrics.items()},
+    }
+
+
+def final_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The run's headline figures as flat MLflow metrics (evaluations, training totals, merge parity, gate)."""
+    metrics = {f"eval/{label}/{k}": float(v) for label, m in results["eval"].items() for k, v in m.items()}
+    # Training totals (trainable parameters and ratio, peak memory, tokens/s, resumed-from step).
+    metrics.update({f"train_summary/{k}": float(v) for k, v in results["train"].items()})
+    for key in ("merge_rel_diff", "quantized_rel_diff"):
+        if key in results.get("merge", {}):
+            metrics[f"merge/{key}"] = float(results["merge"][key])
+    metrics["gate/passed"] = float(results["gate"]["passed"])
+    return metrics

@@ -71,7 +71,8 @@ def build_sft_config(
     """TRL arguments from the pipeline config. Mixed precision follows the chosen compute dtype.
 
     SFTConfig defaults bf16=True and gradient_checkpointing=True; both are set explicitly because bf16
-    autocast on a CPU without bf16 units is ~100x slower.
+    autocast on a CPU without bf16 units is ~100x slower. ``train.optim`` names the optimizer as
+    transformers does; its bitsandbytes variants were checked to run here when the config was validated.
     """
     train = cfg.train
     return SFTConfig(
@@ -84,6 +85,7 @@ def build_sft_config(
         lr_scheduler_type=train.lr_scheduler,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
         seed=train.seed,
         data_seed=train.seed,
         save_strategy="steps",
@@ -184,12 +186,31 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _restore_adapter_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    # TRL casts a quantised model's trainable LoRA weights to bf16 (QLoRA paper recipe). On a CPU that
-    # makes every adapter matmul bf16, ~100x slower here; keep adapters in the compute dtype instead.
+def upcast_trainable_params(model: torch.nn.Module) -> int:
+    """Keep every trainable parameter (LoRA A/B, DoRA magnitude, modules_to_save) in float32.
+
+    The rule: trainable weights are float32 master weights whatever the compute dtype; the frozen base
+    stays in its own dtype and autocast (bf16/fp16 mixed precision) picks the matmul dtype. Why:
+
+    - fp16: the GradScaler refuses fp16 master weights ("Attempting to unscale FP16 gradients").
+    - bf16: bf16 master weights round away small Adam updates (why TRL keeps DoRA's magnitude out of its
+      cast, trl#7268). Adapters are small, so float32 costs little (a large ``modules_to_save`` is not).
+    - CPU: TRL casts a quantised model's trainable weights to bf16 (the QLoRA paper's recipe), which
+      made every adapter matmul ~100x slower here than float32.
+
+    This is also PEFT's own default (``get_peft_model(autocast_adapter_dtype=True)`` upcasts fp16/bf16
+    adapters), which TRL undoes for quantised models; call this after ``SFTTrainer.__init__`` and before
+    the optimizer is built (``trainer.train()``), so optimizer state and checkpoints are float32 too.
+
+    Returns:
+        How many parameter tensors were cast.
+    """
+    cast = 0
     for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.to(torch.float32)
+            cast += 1
+    return cast
 
 
 LOSS_CURVE_FILENAME = "loss_curve.png"
@@ -287,7 +308,7 @@ def train_qlora(
         peft_config=build_lora_config(cfg),
         callbacks=[callback, ManifestCallback(), *callbacks],
     )
-    _restore_adapter_dtype(trainer.model, compute_dtype)
+    upcast_trainable_params(trainer.model)
     trainable, total = count_parameters(trainer.model)
     resume = latest_valid_checkpoint(checkpoint_dir)
     resumed_from = int(resume.name.rsplit("-", 1)[1]) if resume else 0

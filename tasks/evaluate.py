@@ -1,26 +1,29 @@
-"""Evaluation task: the same function scores the base model and the candidate."""
+"""Evaluation tasks: the same function scores the base model, the candidate and the champion."""
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 
-from lora_pipeline import stages
+from lora_pipeline import evaluate_stage
 from lora_pipeline.config import PipelineConfig
 
 
 @task(name="evaluate", task_run_name="evaluate-{label}")
 def evaluate(cfg: PipelineConfig, run_dir: str, label: str, adapter_dir: str | None = None) -> dict[str, float]:
-    """Task exact match, regression exact match/perplexity and stop rate of base or candidate."""
-    return stages.evaluate(cfg, Path(run_dir), label, Path(adapter_dir) if adapter_dir else None)
+    """Task and regression metrics of the quantised base, the full-precision base or the candidate."""
+    return evaluate_stage.evaluate(cfg, Path(run_dir), label, Path(adapter_dir) if adapter_dir else None)
 
 
 @task(name="evaluate_champion", retries=2, retry_delay_seconds=[5, 15])
-def evaluate_champion(cfg: PipelineConfig, run_dir: str, tracking_info: dict[str, str], run_key: str) -> dict | None:
+def evaluate_champion(cfg: PipelineConfig, run_dir: str, tracking_info: dict[str, str], run_key: str,
+                      base_fingerprint: str) -> dict[str, Any] | None:
     """Score the registry's current champion on this run's suites (None when there is none)."""
-    return stages.evaluate_champion(cfg, Path(run_dir), tracking_info["tracking_uri"], run_key)
+    return evaluate_stage.evaluate_champion(cfg, Path(run_dir), tracking_info["tracking_uri"], run_key,
+                                            base_fingerprint)
 
 
 @task(name="compare_models")
-def compare_models(run_dir: str, results: dict[str, dict[str, float]]) -> dict[str, str]:
-    """JSON table and PNG bar chart of base vs candidate (vs champion) under ``run_dir/eval``."""
-    return stages.compare_models(Path(run_dir), results)
+def compare_models(run_dir: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """JSON table and PNG bar chart of every scored model, and the quantisation cost, under ``run_dir/eval``."""
+    return evaluate_stage.compare_models(Path(run_dir), results)

@@ -1,4 +1,4 @@
-"""Registration task: merged model + adapter into the MLflow model registry, idempotent per run key."""
+"""Registration task: the merged model (or adapter + base reference) into the MLflow model registry."""
 
 from pathlib import Path
 from typing import Any
@@ -11,10 +11,11 @@ from lora_pipeline.config import PipelineConfig
 
 # Retried: the registry may be remote; registration is idempotent per run key, so a retry is safe.
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 15])
-def register(cfg: PipelineConfig, merged_dir: str, adapter_dir: str, tracking_info: dict[str, str],
-             run_key: str, tags: dict[str, str]) -> dict[str, Any]:
-    """Register the merged model; returns name, version, model URI and whether it was newly created."""
-    return stages.register(cfg, Path(merged_dir), Path(adapter_dir), tracking_info, run_key, tags)
+def register(cfg: PipelineConfig, merged_dir: str | None, adapter_dir: str, run_dir: str,
+             tracking_info: dict[str, str], run_key: str, tags: dict[str, str], store: str) -> dict[str, Any]:
+    """Register this run's model; returns name, version, model URI and whether it was newly created."""
+    return stages.register(cfg, Path(merged_dir) if merged_dir else None, Path(adapter_dir), Path(run_dir),
+                           tracking_info, run_key, tags, store)
 
 
 # Retried: setting aliases is idempotent.

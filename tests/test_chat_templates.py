@@ -216,3 +216,16 @@ def test_tokenizer_choice_keeps_the_tokenizers_own_template(tmp_path):
     base = _save_tokenizer(tmp_path)
     own = AutoTokenizer.from_pretrained(base).chat_template
     assert load_tokenizer(ModelConfig(name_or_path=str(base))).chat_template == own
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+def test_prefix_derived_mask_equals_the_generation_markers(name, conversation):
+    # Two independent derivations agree where both apply: the formatter renders each answer's
+    # generation prompt; transformers reads the template's {% generation %} markers.
+    tokenizer = apply_named_template(build_tiny_tokenizer(), name)
+    messages = CONVERSATIONS[conversation]
+    marked = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    sample = tokenize_conversation(tokenizer, messages, max_length=512)
+    assert sample.input_ids == list(marked["input_ids"])
+    assert [label != IGNORE_INDEX for label in sample.labels] == [bool(m) for m in marked["assistant_masks"]]

@@ -39,8 +39,10 @@ def test_show_config_prints_validated_values(capsys):
 
 
 def _validate_args(tiny_model_dir, source, out, *extra):
+    held_out = source.parent / "held_out.jsonl"  # a held-out file of its own: no split of the source
+    held_out.write_text(json.dumps({"prompt": "held out", "completion": "yes"}) + "\n")
     return ["validate-data", "--out", str(out), "--set", f"model.name_or_path={tiny_model_dir}",
-            "--set", f"data.path={source}", "--set", "data.eval_path=null",
+            "--set", f"data.path={source}", "--set", f"data.eval_path={held_out}",
             "--set", "eval.regression_qa_path=null", "--set", "eval.regression_text_path=null",
             "--set", "data.min_rows=4", *extra]
 
@@ -89,3 +91,23 @@ def test_turn_markers_of_a_named_template_count_as_special_tokens(tiny_model_dir
                           "--set", "model.chat_template=chatml")
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["reason_counts"] == {"special_token_in_text": 1}
+
+
+def test_validate_data_holds_out_a_deterministic_eval_split_without_eval_path(tiny_model_dir, tmp_path, capsys):
+    rows = [{"instruction": f"name colour {i}", "output": f"colour {i}"} for i in range(60)]
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    outs = []
+    for attempt in ("a", "b"):
+        args = _validate_args(tiny_model_dir, source, tmp_path / attempt, "--set", "data.format=alpaca",
+                              "--set", "data.eval_path=null", "--set", "data.eval_fraction=0.2")
+        assert main(args) == 0
+        printed = json.loads(capsys.readouterr().out)
+        outs.append(tmp_path / attempt)
+    held_out = [json.loads(line) for line in (outs[0] / "eval.jsonl").read_text().splitlines()]
+    clean = [json.loads(line) for line in (outs[0] / "clean.jsonl").read_text().splitlines()]
+    assert 3 <= len(held_out) <= 24 and printed["n_held_out"] == len(held_out)  # ~20 % of 60 (hash-chosen)
+    assert len(held_out) + len(clean) == 60 and printed["n_quarantined"] == 0
+    prompts = lambda rows: {row["messages"][0]["content"] for row in rows}  # noqa: E731
+    assert not prompts(held_out) & prompts(clean)  # kept out of training
+    assert (outs[0] / "eval.jsonl").read_text() == (outs[1] / "eval.jsonl").read_text()  # deterministic

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -37,7 +38,13 @@ DEFECTS: list[tuple[object, list[str]]] = [
     ({"messages": [{"role": "user", "content": "q <pad>"}]}, ["bad_roles", "special_token_in_text"]),
     (chat("what  is the CAPITAL of france?", "Paris."), ["contaminated"]),  # case/space-insensitive match
     (chat("long " * 300, "answer"), ["no_trainable_tokens"]),  # the prompt alone fills data.max_length
+    # The fixture's template, like Gemma's, has no system role: the template itself refuses the row.
+    ({"messages": [{"role": "system", "content": "be brief"}, *chat("q sys", "a sys")["messages"]]},
+     ["template_error"]),
 ]
+#: Prepended to the fixture tokenizer's template: a system turn is refused, as Gemma's template does.
+NO_SYSTEM_ROLE = ("{% if messages[0]['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}")
 EVAL_ROWS = [chat("What is the capital of France?", "Paris"), chat("2+2?", "4")]
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|user|>"]
 
@@ -57,8 +64,10 @@ def defect_run(tmp_path_factory, chat_tokenizer) -> tuple[ValidationResult, Path
     source = root / "train.jsonl"
     write_jsonl(source, GOOD[:2] + [""] + [row for row, _ in DEFECTS] + GOOD[2:])
     eval_path = write_jsonl(root / "eval.jsonl", EVAL_ROWS)
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    tokenizer.chat_template = NO_SYSTEM_ROLE + tokenizer.chat_template
     result = validate_dataset(cfg(), source, root / "out", special_tokens=SPECIAL_TOKENS,
-                              decontaminate_against=[eval_path], tokenizer=chat_tokenizer)
+                              decontaminate_against=[eval_path], tokenizer=tokenizer)
     return result, source
 
 

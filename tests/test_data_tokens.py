@@ -76,14 +76,17 @@ def test_eos_check_holds_when_pad_equals_eos(tmp_path, chat_tokenizer):
 def test_gx_token_suite_catches_samples_the_formatter_should_have_refused(tmp_path):
     # The suite is independent of the formatter: feed it samples that break each token rule.
     eos = 2
-    good = TokenizedSample([1, 5, 6, eos], [-100, -100, 6, eos], truncated=False, full_length=4, answers_in_budget=1)
-    no_eos = TokenizedSample([1, 5, 6, 7], [-100, -100, 6, 7], truncated=False, full_length=4, answers_in_budget=1)
-    nothing = TokenizedSample([1, 5, 6, 7], [-100] * 4, truncated=True, full_length=9, answers_in_budget=0)
+    good = TokenizedSample([1, 5, 6, eos], [-100, -100, 6, eos], truncated=False, full_length=4, answers_in_budget=1,
+                           trained_stops=1)
+    no_eos = TokenizedSample([1, 5, 6, 7], [-100, -100, 6, 7], truncated=False, full_length=4, answers_in_budget=1,
+                             trained_stops=0)
+    nothing = TokenizedSample([1, 5, 6, 7], [-100] * 4, truncated=True, full_length=9, answers_in_budget=0,
+                              trained_stops=0)
     profile = Profile(chat=True, tokens=True)
     for line in range(1, 11):
-        profile.add(line, chat(f"q{line}", f"a{line}"), line, good, eos)
-    profile.add(11, chat("q11", "a11"), 11, no_eos, eos)
-    profile.add(12, chat("q12", "a12"), 12, nothing, eos)
+        profile.add(line, chat(f"q{line}", f"a{line}"), line, good)
+    profile.add(11, chat("q11", "a11"), 11, no_eos)
+    profile.add(12, chat("q12", "a12"), 12, nothing)
     bounds = SuiteBounds(min_rows=5, max_chars=1000, max_tokens=8, max_truncated_fraction=0.05)
     outcome = run_suite(profile.to_frame(), bounds, True, tmp_path, tokens=True)
     failed = {failure.name: failure for failure in outcome.failed}

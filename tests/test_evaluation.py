@@ -43,7 +43,8 @@ def test_exact_match_and_stop_rate(tokenizer):
     rows = [_row("repeat red cat", "red cat"), _row("repeat blue owl", "blue owl"), _row("repeat pink pig", "pink pig")]
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     answers = [enc("red cat") + [eos], enc("blue  owl "), enc("pink dog") + [eos]]
-    scores = score_generation_suite(ScriptedModel(tokenizer, answers), tokenizer, rows, max_new_tokens=12, batch_size=2)
+    scores = score_generation_suite(ScriptedModel(tokenizer, answers), tokenizer, rows, max_new_tokens=12, batch_size=2,
+                                    stop_ids=[eos])
     # "blue  owl " matches after whitespace normalisation but never stopped; "pink dog" is wrong.
     assert scores["exact_match"] == pytest.approx(2 / 3)
     assert scores["stop_rate"] == pytest.approx(2 / 3)
@@ -52,6 +53,29 @@ def test_exact_match_and_stop_rate(tokenizer):
 
 def test_normalize_answer_collapses_whitespace():
     assert normalize_answer("  a \n b ") == "a b"
+
+
+def test_normalized_match_ignores_case_punctuation_and_articles():
+    assert normalize_answer("The  capital is Paris.", "normalized") == normalize_answer("capital is paris", "normalized")
+    assert normalize_answer("The capital is Paris.") != normalize_answer("capital is paris")
+
+
+def test_generation_stops_at_any_stop_id_and_counts_it(tokenizer):
+    # A Llama-3-style model ends a turn with one of several ids: the second stop id ends the answer too.
+    eos = tokenizer.eos_token_id
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|user|>")  # stands in for <|eot_id|>
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = [_row("repeat red cat", "red cat"), _row("repeat blue owl", "blue owl")]
+    answers = [enc("red cat") + [end_of_turn] + enc("garbage after the turn"), enc("blue owl") + [eos]]
+    model = ScriptedModel(tokenizer, answers)
+    records: list[dict] = []
+    scores = score_generation_suite(model, tokenizer, rows, max_new_tokens=12, batch_size=2,
+                                    stop_ids=[eos, end_of_turn], records=records)
+    assert scores["exact_match"] == 1.0 and scores["stop_rate"] == 1.0
+    assert [r["answer"] for r in records] == ["red cat", "blue owl"]
+    only_eos = score_generation_suite(ScriptedModel(tokenizer, answers), tokenizer, rows, max_new_tokens=12,
+                                      batch_size=2, stop_ids=[eos])
+    assert only_eos["stop_rate"] == 0.5 and only_eos["exact_match"] == 0.5  # rambles past its end of turn
 
 
 def test_perplexity_of_uniform_model_is_vocab_size(tokenizer, tiny_model_dir):
@@ -66,7 +90,8 @@ def test_evaluate_model_reports_every_suite(tokenizer, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     suites = EvalSuites(task=[_row("repeat red cat", "red cat")], regression_qa=[_row("repeat owl", "owl")],
                         regression_text=["red cat"])
-    metrics = evaluate_model(model, tokenizer, suites, max_new_tokens=4, batch_size=4, max_length=64)
+    metrics = evaluate_model(model, tokenizer, suites, max_new_tokens=4, batch_size=4, max_length=64,
+                             stop_ids=[tokenizer.eos_token_id])
     per_suite = ("exact_match", "token_f1", "rouge_l", "stop_rate", "repetition_rate", "n")
     assert set(metrics) == {f"{suite}_{key}" for suite in ("task", "regression") for key in per_suite} | {
         "regression_perplexity", "task_perplexity"}
@@ -92,7 +117,8 @@ def test_suite_reports_f1_rouge_and_repetition(tokenizer):
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     rows = [_row("repeat red cat", "red cat"), _row("say owl", "owl")]
     answers = [enc("red dog") + [eos], enc("owl owl owl owl owl owl")]
-    scores = score_generation_suite(ScriptedModel(tokenizer, answers), tokenizer, rows, max_new_tokens=40, batch_size=2)
+    scores = score_generation_suite(ScriptedModel(tokenizer, answers), tokenizer, rows, max_new_tokens=40, batch_size=2,
+                                    stop_ids=[eos])
     assert scores["exact_match"] == 0.0
     assert scores["token_f1"] == pytest.approx((0.5 + 2 * (1 / 6) / (1 / 6 + 1)) / 2)
     assert 0 < scores["rouge_l"] < 1
@@ -110,7 +136,7 @@ def test_answer_perplexity_of_uniform_model_is_vocab_size(tokenizer, tiny_model_
     with torch.no_grad():
         model.lm_head.weight.zero_()
     rows = [_row("repeat red cat", "red cat"), _row("say a longer thing", "the quick brown fox")]
-    ppl = answer_perplexity(model, tokenizer, rows, batch_size=2, max_length=64)
+    ppl = answer_perplexity(model, tokenizer, rows, batch_size=2, max_length=64, stop_ids=[tokenizer.eos_token_id])
     assert ppl == pytest.approx(model.config.vocab_size, rel=1e-4)
 
 
@@ -134,7 +160,8 @@ def test_lm_eval_suite_is_skipped_with_a_message_when_unavailable(tokenizer, tin
     suites = EvalSuites(task=[_row("repeat red cat", "red cat")], regression_qa=[], regression_text=[],
                         lm_eval_tasks=("hellaswag",), lm_eval_limit=10)
     skipped: list[str] = []
-    metrics = evaluate_model(model, tokenizer, suites, max_new_tokens=4, batch_size=4, max_length=64, skipped=skipped)
+    metrics = evaluate_model(model, tokenizer, suites, max_new_tokens=4, batch_size=4, max_length=64,
+                             stop_ids=[tokenizer.eos_token_id], skipped=skipped)
     assert skipped == ["lm_eval:hellaswag skipped: lm-evaluation-harness is not installed "
                        "(pip install 'lora-pipeline[lm-eval]')"]
     assert "task_exact_match" in metrics and not any(k.startswith("lm_eval") for k in metrics)
@@ -142,15 +169,15 @@ def test_lm_eval_suite_is_skipped_with_a_message_when_unavailable(tokenizer, tin
 
 def test_eval_suites_are_configurable(tmp_path):
     from lora_pipeline.config import ConfigError, load_config
-    from lora_pipeline.stages import load_eval_suites
+    from lora_pipeline.suites import load_eval_suites
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
     base = [f"data.eval_path={rows}", f"eval.regression_qa_path={rows}", "eval.regression_text_path=null"]
-    suites = load_eval_suites(load_config(None, [*base, "eval.suites=[task, 'lm_eval:arc_easy']"]))
+    suites = load_eval_suites(load_config(None, [*base, "eval.suites=[task, 'lm_eval:arc_easy']"]), tmp_path)
     assert (suites.score_task, suites.regression_qa, suites.lm_eval_tasks) == (True, [], ("arc_easy",))
     assert len(suites.task) == 1
-    only_regression = load_eval_suites(load_config(None, [*base, "eval.suites=[regression]"]))
+    only_regression = load_eval_suites(load_config(None, [*base, "eval.suites=[regression]"]), tmp_path)
     assert not only_regression.score_task and len(only_regression.regression_qa) == 1
     with pytest.raises(ConfigError, match="unknown eval suites"):
         load_config(None, ["eval.suites=[tsk]"])

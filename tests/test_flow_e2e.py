@@ -70,6 +70,10 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
     assert {"task_exact_match", "regression_exact_match", "regression_perplexity", "task_stop_rate"} <= set(
         summary["eval"]["base"]) == set(summary["eval"]["candidate"])
     assert summary["gate"]["passed"] is True and summary["gate"]["reasons"]
+    # The gate's base is the quantised base the candidate trained on; full precision is reported beside it.
+    assert set(summary["eval"]["base_full_precision"]) == set(summary["eval"]["base"])
+    assert set(summary["comparison"]["quantization_cost"]) == {
+        "task_exact_match", "task_perplexity", "regression_exact_match", "regression_perplexity"}
     assert summary["registered_model"]["name"] == "e2e-tiny" and summary["registered_model"]["version"] == "1"
     assert summary["champion"] == {}  # nothing registered before this run
     assert summary["registry"] == {"aliases": {"candidate": "1", "champion": "1"}, "promoted": True}
@@ -96,6 +100,7 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
     assert version.tags["gate_reasons"] == run.data.tags["gate_reasons"]
     assert len(version.tags["git_commit"].removesuffix("+dirty")) == 40  # this checkout's commit
     assert {"data_hash", "config_hash", "base_model", "flow_run_id", "eval.candidate.task_exact_match"} <= set(version.tags)
+    assert version.tags["store"] == "merged" and version.tags["base_fingerprint"].startswith("sha256:")
 
     outputs = run_dir.parents[1]
     pipe = load_text_generation(summary["registered_model"]["model_uri"], f"sqlite:///{outputs / 'mlflow.db'}")
@@ -115,7 +120,9 @@ def test_next_run_is_gated_against_the_champion_and_promoted(prefect_api, small_
     assert set(champion) == set(summary["eval"]["candidate"])
     assert any(r.endswith("(allowed >= -1.000)") and "vs champion" in r for r in summary["gate"]["reasons"])
     table = json.loads((Path(summary["run_dir"]) / "eval" / "comparison.json").read_text())
-    assert set(table["task_exact_match"]) == {"base", "candidate", "champion"}
+    assert set(table["task_exact_match"]) == {"base", "base_full_precision", "candidate", "champion"}
+    # Same base: the champion is scored as its adapter on this run's quantised base, like the candidate.
+    assert summary["champion"]["scored_as"] == "its adapter on this run's quantised base"
     assert summary["gate"]["passed"] is True
     assert summary["registered_model"]["version"] == "2"
     assert summary["registry"]["aliases"] == {"candidate": "2", "champion": "2", "previous": "1"}
@@ -141,3 +148,44 @@ def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_p
     assert {"data/report.json", "data/gx_validation_result.json", "data/quarantine.jsonl",
             "data/data_docs"} <= logged
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_a_failed_gate_registers_the_adapter_and_a_base_reference_without_merging(prefect_api, small_config, tmp_path,
+                                                                                 monkeypatch):
+    from flows.finetune import finetune
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    summary = finetune(config_path=str(small_config), overrides=["train.seed=2", "gate.min_task_gain=2.0"])
+    assert summary["gate"]["passed"] is False
+    stages = {s["name"]: s["status"] for s in summary["stages"]}
+    assert stages["merge"] == "skipped" and not (Path(summary["run_dir"]) / "merged").exists()
+    version = summary["registered_model"]["version"]
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    tags = client.get_model_version("e2e-tiny", version).tags
+    assert (tags["store"], tags["gate_passed"]) == ("adapter", "False")
+    assert summary["registry"]["aliases"].get("candidate") != version  # no alias for a failing version
+    pipe = load_text_generation(summary["registered_model"]["model_uri"], summary["mlflow_tracking_uri"])
+    assert type(pipe.model).__name__ == "PeftModelForCausalLM"  # base + adapter, loaded by MLflow's PEFT support
+
+
+def test_changing_only_the_gate_reuses_the_trained_adapter_and_its_version(prefect_api, small_config, tmp_path,
+                                                                          monkeypatch):
+    """The run key covers what changes the adapter: a new gate, eval or registry setting trains nothing again."""
+    from flows.finetune import finetune
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    failed = finetune(config_path=str(small_config), overrides=["train.seed=2", "gate.min_task_gain=2.0"])
+    summary = finetune(config_path=str(small_config), overrides=[
+        "train.seed=2", "gate.min_task_gain=-1.0", "gate.champion_tolerance=1.0", "eval.max_new_tokens=8"])
+    assert summary["run_key"] == failed["run_key"]
+    assert summary["train"]["resumed_from_step"] == summary["train"]["global_step"]  # nothing trained again
+    assert summary["registered_model"]["version"] == failed["registered_model"]["version"]
+    assert summary["registered_model"]["created"] is False
+    tags = MlflowClient(summary["mlflow_tracking_uri"]).get_model_version(
+        "e2e-tiny", summary["registered_model"]["version"]).tags
+    assert tags["gate_passed"] == "True" and tags["flow_run_id"] == summary["flow_run_id"]  # how it was last judged
+    changed = finetune(config_path=str(small_config), overrides=["train.seed=2", "lora.r=8", "gate.min_task_gain=-1.0",
+                                                                 "gate.champion_tolerance=1.0"])
+    assert changed["run_key"] != summary["run_key"]

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 from lora_pipeline.formatting import (
     IGNORE_INDEX,
     FormatError,
+    RowFormatError,
     check_tokenizer,
     encode_generation_prompt,
     format_dataset,
@@ -64,21 +65,27 @@ def test_truncation_is_counted(tokenizer):
     assert cut.truncated and len(cut.input_ids) == len(full.input_ids) - 3
 
 
-def test_template_without_generation_markers_is_refused(tokenizer):
+def test_template_without_generation_markers_trains_the_same_tokens(tokenizer):
+    # The mask comes from rendering each answer's generation prompt, not from {% generation %} markers:
+    # removing the markers changes nothing that is trained.
+    marked = tokenize_conversation(tokenizer, CONVERSATION, max_length=512)
     tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    with pytest.raises(FormatError, match="generation"):
-        tokenize_conversation(tokenizer, CONVERSATION, max_length=512)
+    plain = tokenize_conversation(tokenizer, CONVERSATION, max_length=512)
+    assert plain == marked
+    assert _trained_text(tokenizer, plain) == "red cat</s>blue owl</s>"
 
 
 def test_template_that_drops_eos_is_refused(tokenizer):
     tokenizer.chat_template = tokenizer.chat_template.replace("{{ eos_token }}", "")
-    with pytest.raises(FormatError, match="unmasked EOS"):
+    with pytest.raises(RowFormatError, match="answer_ends_in_stop_token"):
         tokenize_conversation(tokenizer, CONVERSATION, max_length=512)
+    with pytest.raises(FormatError, match="^answer_ends_in_stop_token: .* probe conversation"):
+        check_tokenizer(tokenizer)
 
 
 def test_tokenizer_without_pad_is_refused(tokenizer):
     tokenizer.pad_token = None
-    with pytest.raises(FormatError, match="pad"):
+    with pytest.raises(FormatError, match="^pad_token: "):
         check_tokenizer(tokenizer)
 
 

@@ -25,7 +25,7 @@ def test_candidate_that_forgot_is_rejected_with_reason():
 def test_candidate_that_learned_too_little_is_rejected():
     decision = gate_candidate(BASE, {**GOOD, "task_exact_match": 0.1}, GATE)
     assert not decision.passed
-    assert "FAIL: task gain +0.100 (need >= 0.200)" in decision.reasons
+    assert "FAIL: task gain (exact_match) +0.100 (need >= 0.200)" in decision.reasons
 
 
 def test_candidate_that_does_not_stop_is_rejected():

@@ -69,7 +69,8 @@ def test_first_registration_creates_version_1_with_lineage(env, first):
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.artifact_location.startswith((env["out"] / "mlartifacts").resolve().as_uri())
     assert logged.source_run_id == env["run_id"] and logged.status == "READY"
-    assert version.tags == {**LINEAGE, "run_key": "key-1", "adapter_uri": f"runs:/{env['run_id']}/adapter"}
+    assert version.tags == {**LINEAGE, "run_key": "key-1", "adapter_uri": f"runs:/{env['run_id']}/adapter",
+                            "store": "merged"}
     run_tags = client.get_run(env["run_id"]).data.tags
     assert run_tags["data_hash"] == LINEAGE["data_hash"] and run_tags["run_key"] == "key-1"
     assert "adapter/adapter_config.json" in [

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lora_pipeline.config import load_config
-from lora_pipeline.formatting import format_dataset
+from lora_pipeline.formatting import encode_generation_prompt, format_dataset, prompt_turns
 from lora_pipeline.merge import MergeError, merge_adapter, merge_lora
 from lora_pipeline.modeling import load_base_model, load_tokenizer
 from lora_pipeline.training import train_qlora
@@ -58,9 +58,16 @@ def test_only_adapter_weights_change_and_base_is_4bit(trained, tiny_model_dir):
         assert torch.equal(a, b), n
 
 
+def _prompts(cfg, adapter_dir, count):
+    tokenizer = load_tokenizer(cfg.model, adapter_dir)
+    return [encode_generation_prompt(tokenizer, prompt_turns(row["messages"])) for row in chat_rows()[:count]]
+
+
 def test_merged_model_matches_base_plus_adapter(trained):
     cfg, run_dir, result, _ = trained
-    report = merge_adapter(cfg, result.adapter_dir, run_dir / "merged", chat_rows()[:4])
+    tokenizer = load_tokenizer(cfg.model)
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]  # e.g. EOS + end-of-turn
+    report = merge_adapter(cfg, result.adapter_dir, run_dir / "merged", _prompts(cfg, result.adapter_dir, 4), stop_ids)
     assert report.dequantized and report.n_prompts == 4
     assert report.merge_rel_diff <= cfg.merge.parity_tolerance
     assert report.quantized_rel_diff <= cfg.merge.quantized_parity_tolerance
@@ -69,7 +76,7 @@ def test_merged_model_matches_base_plus_adapter(trained):
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
     assert getattr(merged.config, "quantization_config", None) is None
     assert (Path(run_dir / "merged") / "model.safetensors").is_file()
-    assert merged.generation_config.eos_token_id is not None
+    assert merged.generation_config.eos_token_id == stop_ids  # the whole stop set, never one id
 
 
 def test_merge_into_4bit_weights_is_refused(trained):
@@ -83,7 +90,7 @@ def test_parity_failure_writes_nothing(trained, tmp_path):
     cfg, _, result, _ = trained
     strict = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"quantized_parity_tolerance": 1e-9})})
     with pytest.raises(MergeError, match="quantized_parity_tolerance"):
-        merge_adapter(strict, result.adapter_dir, tmp_path / "merged", chat_rows()[:2])
+        merge_adapter(strict, result.adapter_dir, tmp_path / "merged", _prompts(cfg, result.adapter_dir, 2), [2])
     assert not (tmp_path / "merged").exists()
 
 

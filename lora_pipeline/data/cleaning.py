@@ -62,6 +62,8 @@ class Verdict:
     row: dict[str, Any] | None
     reasons: list[str]
     content_hash: int | None = None  # fingerprint of the normalised row (what duplicates are found by)
+    detail: str | None = None  # why, in words, when the reason code alone does not say (template errors)
+    prompt_key: int | None = None  # fingerprint of the normalised prompt (decontamination, held-out split)
 
     @property
     def clean(self) -> bool:
@@ -100,9 +102,10 @@ class RowChecker:
             reasons.add("duplicate")
         self._seen.add(key)
         prompt = matching_key(prompt_text(row))
-        if prompt and fingerprint(prompt) in self._contaminated:
+        prompt_key = fingerprint(prompt) if prompt else None
+        if prompt_key is not None and prompt_key in self._contaminated:
             reasons.add("contaminated")
-        return Verdict(row, ordered(reasons), key)
+        return Verdict(row, ordered(reasons), key, prompt_key=prompt_key)
 
 
 def strict_rows(source: str | Path, data_format: str) -> Iterator[dict[str, Any]]:

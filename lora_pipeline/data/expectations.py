@@ -112,7 +112,7 @@ def build_expectations(bounds: SuiteBounds, chat: bool, tokens: bool = False) ->
             # ...and few are cut (a cut answer loses its EOS).
             gxe.ExpectColumnMeanToBeBetween(column="truncated", min_value=0,
                                             max_value=bounds.max_truncated_fraction),
-            # Every answer that fits the budget ends in an EOS whose label is kept.
+            # Every answer that fits the budget ends in a stop token (EOS or end-of-turn) whose label is kept.
             gxe.ExpectColumnPairValuesToBeEqual(column_A="trained_eos", column_B="answers_in_budget"),
         ]
     return suite

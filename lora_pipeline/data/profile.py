@@ -46,17 +46,16 @@ class Profile:
     def __len__(self) -> int:
         return len(self._data["line"])
 
-    def add(self, line: int, row: dict[str, Any], content_hash: int, sample: TokenizedSample | None = None,
-            eos_token_id: int | None = None) -> None:
+    def add(self, line: int, row: dict[str, Any], content_hash: int, sample: TokenizedSample | None = None) -> None:
         """Record one clean row (``line``: its source line/row number; ``content_hash``: its fingerprint;
         ``sample``: its training sample, required when the profile has token columns)."""
         values: dict[str, int] = {"line": line, "content_hash": content_hash}
         if self.tokens:
-            if sample is None or eos_token_id is None:
-                raise ValueError("a profile with token columns needs each row's sample and the EOS id")
+            if sample is None:
+                raise ValueError("a profile with token columns needs each row's sample")
             values.update(tokens=sample.full_length, trainable_tokens=sample.n_trainable,
                           truncated=int(sample.truncated), answers_in_budget=sample.answers_in_budget,
-                          trained_eos=sample.trained_eos(eos_token_id))
+                          trained_eos=sample.trained_stops)
         if not self.chat:
             values["total_chars"] = len(row["text"])
         else:

@@ -20,6 +20,10 @@ REASONS: dict[str, str] = {
     "forge turn boundaries or EOS once the chat template is applied.",
     "duplicate": "Exact duplicate of an earlier row after normalisation; the first occurrence is kept.",
     "contaminated": "The normalised prompt (the user turns) also appears in an evaluation or regression set.",
+    "template_error": "The model's chat template cannot format the conversation as training needs it: the template "
+    "refuses it (e.g. a system turn for a template without a system role), renders an earlier turn differently once "
+    "later turns follow, or writes no stop token after an answer. The quarantine line's 'detail' says which. Only "
+    "checked on rows that pass every text rule.",
     "no_trainable_tokens": "After the chat template and truncation to data.max_length, no answer token is left to "
     "train on (the prompt fills the budget). Only checked on rows that pass every other rule.",
 }

@@ -27,7 +27,8 @@ def reject_fraction(tally: Tally) -> float:
     return tally.n_quarantined / tally.n_input if tally.n_input else 0.0
 
 
-def failure_messages(cfg: DataConfig, src: DataSource, tally: Tally, gx: GxOutcome) -> list[str]:
+def failure_messages(cfg: DataConfig, src: DataSource, tally: Tally, gx: GxOutcome,
+                     held_out_fraction: float | None = None) -> list[str]:
     """Human-readable failures: reject fraction, row floor, and each failed GX expectation.
 
     Each message names the rule, the source and its first offending lines/rows.
@@ -46,6 +47,10 @@ def failure_messages(cfg: DataConfig, src: DataSource, tally: Tally, gx: GxOutco
             f"only {tally.n_clean} clean rows < data.min_rows {cfg.min_rows} in {src.name} "
             f"({tally.n_quarantined} of {tally.n_input} quarantined{_lines(src.unit, tally.quarantined_lines)})"
         )
+    if held_out_fraction and tally.n_held_out == 0 and tally.n_clean:
+        failures.append(
+            f"no row of {src.name} was held out for evaluation (data.eval_fraction {held_out_fraction} of "
+            f"{tally.n_clean} clean rows): raise data.eval_fraction or set data.eval_path")
     for failed in gx.failed:
         failures.append(f"GX expectation {failed.name} failed on the clean rows of {src.name}: "
                         f"{failed.observed}{_lines(src.unit, failed.lines)}")
@@ -65,6 +70,7 @@ def build_report(cfg: DataConfig, src: DataSource, tally: Tally, gx: GxOutcome, 
         "n_input": tally.n_input,
         "n_clean": tally.n_clean,
         "n_quarantined": tally.n_quarantined,
+        "n_held_out": tally.n_held_out,
         "reject_fraction": round(reject_fraction(tally), 6),
         "reason_counts": dict(sorted(tally.reason_counts.items())),
         "first_lines_by_reason": tally.first_lines,

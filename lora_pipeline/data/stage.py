@@ -15,7 +15,7 @@ from lora_pipeline.data.cleaning import RowChecker, build_contamination_index, s
 from lora_pipeline.data.expectations import SuiteBounds, run_suite
 from lora_pipeline.data.report import build_report, failure_messages, reject_fraction
 from lora_pipeline.data.sources import resolve_source
-from lora_pipeline.data.writer import CLEAN_FILENAME, QUARANTINE_FILENAME, split_source
+from lora_pipeline.data.writer import CLEAN_FILENAME, EVAL_FILENAME, QUARANTINE_FILENAME, split_source
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class ValidationResult:
     success: bool
     failures: list[str]
     data_hash: str
+    n_held_out: int = 0
+    eval_path: Path | None = None  # the held-out split (``data.eval_path`` unset), else None
 
 
 def validate_dataset(
@@ -48,6 +50,8 @@ def validate_dataset(
     special_tokens: Sequence[str] = (),
     decontaminate_against: Sequence[Path] = (),
     tokenizer: Any = None,
+    stop_ids: Sequence[int] | None = None,
+    held_out_fraction: float | None = None,
 ) -> ValidationResult:
     """Load, normalise, clean and validate a training set; quarantine rejected rows with reasons.
 
@@ -66,7 +70,12 @@ def validate_dataset(
         tokenizer: The training tokenizer (with its chat template). When given, every row is also
             templated and truncated to ``max_length`` as training will do: rows with no trainable token
             are quarantined (``no_trainable_tokens``), and the GX suite checks the samples too
-            (trainable tokens, token lengths, truncated fraction, an unmasked EOS after every answer).
+            (trainable tokens, token lengths, truncated fraction, a trained stop token after every answer).
+        stop_ids: The model's stop set (:func:`lora_pipeline.formatting.stop_token_ids`); derived from
+            the tokenizer alone when None.
+        held_out_fraction: Hold this share of the clean rows (chosen by a hash of their prompt) out of
+            training, into ``eval.jsonl`` (the evaluation stage's task rows when ``data.eval_path`` is
+            unset); it fails when no row is held out.
 
     Returns:
         The :class:`ValidationResult`; ``success`` is False (with ``failures``) when the GX suite
@@ -82,11 +91,13 @@ def validate_dataset(
     contamination = build_contamination_index(decontaminate_against)
     checker = RowChecker(cfg.format, special_tokens, contamination.prompts)
     chat = cfg.format != "text"
-    tally = split_source(src, checker, out_dir, chat=chat, tokenizer=tokenizer, max_length=cfg.max_length)
+    tally = split_source(src, checker, out_dir, chat=chat, tokenizer=tokenizer, max_length=cfg.max_length,
+                         stop_ids=list(stop_ids) if stop_ids is not None else None,
+                         held_out_fraction=held_out_fraction)
     del checker  # its fingerprint set (~70 bytes per row) is not needed by the GX step: free it first
     bounds = SuiteBounds.from_config(cfg)
     gx = run_suite(tally.profile.to_frame(), bounds, chat, out_dir, tokens=tokenizer is not None)
-    failures = failure_messages(cfg, src, tally, gx)
+    failures = failure_messages(cfg, src, tally, gx, held_out_fraction)
     success = gx.success and not failures
     seconds = time.perf_counter() - started
     report = build_report(cfg, src, tally, gx, bounds, failures=failures, success=success,
@@ -96,8 +107,9 @@ def validate_dataset(
                                  "rows_per_second": round(tally.n_input / seconds, 1) if seconds > 0 else None})
     report_path = out_dir / REPORT_FILENAME
     report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    logger.info("data: %d rows from %s -> %d clean, %d quarantined (%.1f%%) %s; GX %s; %.0f rows/s",
-                tally.n_input, src.name, tally.n_clean, tally.n_quarantined, 100 * reject_fraction(tally),
+    logger.info("data: %d rows from %s -> %d clean, %d held out for eval, %d quarantined (%.1f%%) %s; GX %s; "
+                "%.0f rows/s", tally.n_input, src.name, tally.n_clean, tally.n_held_out, tally.n_quarantined,
+                100 * reject_fraction(tally),
                 dict(tally.reason_counts), "passed" if gx.success else "FAILED", tally.n_input / seconds)
     return ValidationResult(
         out_dir=out_dir,
@@ -112,6 +124,8 @@ def validate_dataset(
         success=success,
         failures=failures,
         data_hash=tally.data_hash,
+        n_held_out=tally.n_held_out,
+        eval_path=out_dir / EVAL_FILENAME if held_out_fraction else None,
     )
 
 

@@ -17,10 +17,13 @@ from typing import Any
 from lora_pipeline.data.cleaning import RowChecker, Verdict
 from lora_pipeline.data.profile import Profile
 from lora_pipeline.data.sources import DataSource
-from lora_pipeline.formatting import tokenize_row
+from lora_pipeline.formatting import RowFormatError, stop_token_ids, tokenize_row
 
 CLEAN_FILENAME = "clean.jsonl"
 QUARANTINE_FILENAME = "quarantine.jsonl"
+EVAL_FILENAME = "eval.jsonl"
+#: Resolution of the held-out split (fractions are honoured to 1e-6).
+_SPLIT_BUCKETS = 1_000_000
 #: Offending lines remembered per reason (for messages and the report); counts are always complete.
 FIRST_LINES_KEPT = 20
 
@@ -32,6 +35,7 @@ class Tally:
     profile: Profile
     n_input: int = 0
     n_clean: int = 0
+    n_held_out: int = 0  # clean rows held out of training for evaluation
     reason_counts: Counter[str] = field(default_factory=Counter)
     first_lines: dict[str, list[int]] = field(default_factory=dict)  # reason -> first source lines
     quarantined_lines: list[int] = field(default_factory=list)  # first quarantined source lines
@@ -39,7 +43,7 @@ class Tally:
 
     @property
     def n_quarantined(self) -> int:
-        return self.n_input - self.n_clean
+        return self.n_input - self.n_clean - self.n_held_out
 
     def reject(self, line: int, reasons: list[str]) -> None:
         self.reason_counts.update(reasons)
@@ -62,55 +66,82 @@ def _json_line(payload: Any) -> bytes:
     return (json.dumps(payload, ensure_ascii=False, default=_jsonable) + "\n").encode("utf-8")
 
 
+def is_held_out(prompt_key: int | None, fraction: float | None) -> bool:
+    """Whether a row goes to the held-out eval split: decided by its prompt's fingerprint, so the split is
+    deterministic, independent of row order, and a prompt never lands on both sides."""
+    return bool(fraction) and prompt_key is not None and prompt_key % _SPLIT_BUCKETS < fraction * _SPLIT_BUCKETS
+
+
+def _rejected(verdict: Verdict, reason: str, detail: str | None = None) -> Verdict:
+    return Verdict(verdict.row, [reason], verdict.content_hash, detail=detail, prompt_key=verdict.prompt_key)
+
+
 def split_source(src: DataSource, checker: RowChecker, out_dir: Path, *, chat: bool,
-                 tokenizer: Any = None, max_length: int = 0) -> Tally:
+                 tokenizer: Any = None, max_length: int = 0, stop_ids: list[int] | None = None,
+                 held_out_fraction: float | None = None) -> Tally:
     """Judge every row of ``src``; write clean rows and quarantined rows (with reasons) under ``out_dir``.
 
     Args:
         src: The resolved source.
         checker: The cleaning rules (holds duplicate/contamination state).
-        out_dir: Receives ``clean.jsonl`` and ``quarantine.jsonl``.
+        out_dir: Receives ``clean.jsonl``, ``quarantine.jsonl`` and, with ``held_out_fraction``, ``eval.jsonl``.
         chat: Profile chat rows (True) or ``text`` rows (False).
         tokenizer: When given, each row that passes the text rules is templated and truncated to
             ``max_length`` as training will do: a row with no trainable token left is quarantined
-            (``no_trainable_tokens``) and the profile gets the token columns.
+            (``no_trainable_tokens``), a row the chat template cannot format is quarantined
+            (``template_error``), and the profile gets the token columns.
         max_length: Token budget per sample (``data.max_length``).
+        stop_ids: The stop set every answer must end in (default: derived from the tokenizer).
+        held_out_fraction: Hold this share of the clean rows out of training (see :func:`is_held_out`)
+            into ``eval.jsonl``; they are not part of the training data, its hash or its profile.
 
     Returns:
-        The tally; ``n_clean + n_quarantined == n_input`` by construction.
+        The tally; ``n_clean + n_held_out + n_quarantined == n_input`` by construction.
 
     Raises:
         DataError: the source cannot be read at all (per-row problems are quarantined instead).
     """
     tally = Tally(profile=Profile(chat, tokens=tokenizer is not None))
     digest = hashlib.sha256()
-    clean_tmp = out_dir / (CLEAN_FILENAME + ".partial")
-    quarantine_tmp = out_dir / (QUARANTINE_FILENAME + ".partial")
+    if tokenizer is not None and stop_ids is None:
+        stop_ids = stop_token_ids(tokenizer)  # once: deriving it renders the template
+    names = (CLEAN_FILENAME, QUARANTINE_FILENAME, EVAL_FILENAME)
+    partial = {name: out_dir / (name + ".partial") for name in names}
     try:
-        with clean_tmp.open("wb") as clean, quarantine_tmp.open("wb") as quarantine:
+        with partial[CLEAN_FILENAME].open("wb") as clean, partial[QUARANTINE_FILENAME].open("wb") as quarantine, \
+                partial[EVAL_FILENAME].open("wb") as held_out:
             for source_row in src.rows():
                 tally.n_input += 1
                 verdict = checker.check(source_row)
                 sample = None
                 if verdict.clean and tokenizer is not None:
-                    sample = tokenize_row(tokenizer, verdict.row, max_length)  # type: ignore[arg-type]
-                    if not sample.n_trainable:
-                        verdict = Verdict(verdict.row, ["no_trainable_tokens"], verdict.content_hash)
-                if verdict.clean:
+                    try:
+                        sample = tokenize_row(tokenizer, verdict.row, max_length, stop_ids)  # type: ignore[arg-type]
+                    except RowFormatError as exc:
+                        verdict = _rejected(verdict, "template_error", str(exc))
+                    else:
+                        if not sample.n_trainable:
+                            verdict = _rejected(verdict, "no_trainable_tokens")
+                if verdict.clean and is_held_out(verdict.prompt_key, held_out_fraction):
+                    held_out.write(_json_line(verdict.row))
+                    tally.n_held_out += 1
+                elif verdict.clean:
                     data = _json_line(verdict.row)
                     digest.update(data)
                     clean.write(data)
                     tally.n_clean += 1
-                    tally.profile.add(source_row.line, verdict.row, verdict.content_hash,  # type: ignore[arg-type]
-                                      sample, getattr(tokenizer, "eos_token_id", None))
+                    tally.profile.add(source_row.line, verdict.row, verdict.content_hash, sample)  # type: ignore[arg-type]
                 else:
-                    quarantine.write(_json_line(
-                        {"line": source_row.line, "reasons": verdict.reasons, "record": source_row.record}))
+                    entry = {"line": source_row.line, "reasons": verdict.reasons, "record": source_row.record}
+                    if verdict.detail:
+                        entry["detail"] = verdict.detail
+                    quarantine.write(_json_line(entry))
                     tally.reject(source_row.line, verdict.reasons)
-        os.replace(clean_tmp, out_dir / CLEAN_FILENAME)
-        os.replace(quarantine_tmp, out_dir / QUARANTINE_FILENAME)
+        for name in names:
+            if name != EVAL_FILENAME or held_out_fraction:
+                os.replace(partial[name], out_dir / name)
     finally:
-        clean_tmp.unlink(missing_ok=True)
-        quarantine_tmp.unlink(missing_ok=True)
+        for path in partial.values():
+            path.unlink(missing_ok=True)
     tally.data_hash = digest.hexdigest()
     return tally
