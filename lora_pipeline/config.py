@@ -222,7 +222,12 @@ class GateConfig(_Strict):
         "base), or perplexity (relative reduction 1 - candidate/base); unset: perplexity for data.format=text, "
         "else exact_match.")
     min_task_gain: float = Field(0.2, description="Least task gain of the candidate over the base (see task_metric).")
-    max_regression: float = Field(0.1, ge=0.0, description="Largest allowed drop in regression exact match.")
+    regression_metric: Literal["exact_match", "token_f1", "rouge_l", "perplexity"] = Field(
+        "exact_match", description="Regression metric the drop is measured on: exact_match, token_f1 or rouge_l of "
+        "the regression Q/A (base minus candidate), or perplexity of the regression text (relative increase "
+        "candidate/base - 1). With base_answers references, exact match of long free-form answers is brittle "
+        "(quantisation alone changes most of them): rouge_l or perplexity measure drift more robustly.")
+    max_regression: float = Field(0.1, ge=0.0, description="Largest allowed regression drop (see regression_metric).")
     min_stop_rate: float = Field(0.9, ge=0.0, le=1.0, description="Least fraction of candidate generations that "
                                  "end with EOS within eval.max_new_tokens, in every suite.")
     champion_tolerance: float = Field(0.0, ge=0.0, description="How far below the current champion's task and "

@@ -104,7 +104,8 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
     from mlflow.artifacts import download_artifacts
     from peft import PeftModel
 
-    from lora_pipeline.registry import CHAMPION_ALIAS, RUN_KEY_TAG, load_text_generation, mlflow_client, version_by_alias
+    from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
+    from lora_pipeline.registry import RUN_KEY_TAG, load_text_generation, mlflow_client
 
     name = cfg.registry.model_name
     version = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)

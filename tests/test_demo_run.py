@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -123,52 +124,19 @@ def test_gate_rejects_an_overtrained_candidate_that_forgets(demo, overtrained):
     assert tags["gate_passed"] == "False" and "FAIL: regression drop" in tags["gate_reasons"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _http(method: str, url: str, body: dict | None = None) -> dict:
-    import urllib.request
-
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
 def test_serve_answers_a_chat_request_for_the_champion_and_stops(demo, overtrained):
     """`lora-pipeline serve lora-pipeline-demo@champion` as a user starts it, queried over HTTP."""
-    import time
+    from tests.helpers.serving import http, served
 
     root, cwd, _ = demo
     world = next((root / "outputs" / "cache" / "demo-world").iterdir())
     row = json.loads((world / "data" / "eval.jsonl").read_text().splitlines()[0])
-    port = _free_port()
-    command = [sys.executable, "-m", "lora_pipeline.cli", "serve", "lora-pipeline-demo@champion", "--port", str(port),
-               "--config", str(DEMO_CONFIG), "--set", f"output_dir={root / 'outputs'}"]
-    server = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                health = _http("GET", f"http://127.0.0.1:{port}/health")
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()[-3000:]
-                time.sleep(1)
+    with served("lora-pipeline-demo@champion", cwd, "--config", str(DEMO_CONFIG),
+                "--set", f"output_dir={root / 'outputs'}") as (url, health):
         # The champion is still version 1: the over-trained version 2 failed the gate.
         assert health == {"status": "ok", "model": "lora-pipeline-demo@champion", "name": "lora-pipeline-demo",
                           "alias": "champion", "version": "1"}
-        reply = _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
-                      {"messages": row["messages"][:-1], "max_tokens": 32})
+        reply = http("POST", f"{url}/v1/chat/completions", {"messages": row["messages"][:-1], "max_tokens": 32})
         choice = reply["choices"][0]
         assert choice["finish_reason"] == "stop"  # ended at EOS, within the budget
         assert " ".join(choice["message"]["content"].split()) == row["messages"][-1]["content"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

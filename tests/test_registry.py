@@ -222,31 +222,31 @@ def test_two_processes_registering_one_run_get_one_version(env, tmp_path):
 
 
 def test_promote_then_rollback_restores_the_previous_champion(env):
-    from lora_pipeline import registry
+    from lora_pipeline import promotion
 
     name = "tiny-llama-aliases"
     versions = [_register(env, f"alias-{i}", name=name).version for i in range(3)]
     uri = env["uri"]
-    assert registry.version_by_alias(uri, name, "champion") is None
-    with pytest.raises(registry.PromotionError, match="nothing to roll back"):
-        registry.rollback(uri, name)
-    assert registry.promote(uri, name, versions[0]) == {"champion": versions[0], "previous": None}
-    assert registry.promote(uri, name, versions[1]) == {"champion": versions[1], "previous": versions[0]}
-    assert registry.promote(uri, name, versions[1])["previous"] == versions[0]  # again: no change
-    registry.promote(uri, name, versions[2])
-    assert registry.aliases(uri, name) == {"champion": versions[2], "previous": versions[1]}
+    assert promotion.version_by_alias(uri, name, "champion") is None
+    with pytest.raises(promotion.PromotionError, match="nothing to roll back"):
+        promotion.rollback(uri, name)
+    assert promotion.promote(uri, name, versions[0]) == {"champion": versions[0], "previous": None}
+    assert promotion.promote(uri, name, versions[1]) == {"champion": versions[1], "previous": versions[0]}
+    assert promotion.promote(uri, name, versions[1])["previous"] == versions[0]  # again: no change
+    promotion.promote(uri, name, versions[2])
+    assert promotion.aliases(uri, name) == {"champion": versions[2], "previous": versions[1]}
 
-    assert registry.rollback(uri, name) == {"champion": versions[1], "previous": versions[0],
+    assert promotion.rollback(uri, name) == {"champion": versions[1], "previous": versions[0],
                                             "rolled_back": versions[2]}
-    assert registry.aliases(uri, name) == {"champion": versions[1], "previous": versions[0]}
+    assert promotion.aliases(uri, name) == {"champion": versions[1], "previous": versions[0]}
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert client.get_model_version(name, versions[2]).tags["rolled_back"] == "true"
-    registry.rollback(uri, name)  # one more step back: the chain ends there
-    assert registry.aliases(uri, name) == {"champion": versions[0]}
-    with pytest.raises(registry.PromotionError):
-        registry.rollback(uri, name)
-    with pytest.raises(registry.PromotionError, match="no version 99"):
-        registry.promote(uri, name, "99")
+    promotion.rollback(uri, name)  # one more step back: the chain ends there
+    assert promotion.aliases(uri, name) == {"champion": versions[0]}
+    with pytest.raises(promotion.PromotionError):
+        promotion.rollback(uri, name)
+    with pytest.raises(promotion.PromotionError, match="no version 99"):
+        promotion.promote(uri, name, "99")
 
 
 def test_cli_promote_and_rollback(env, capsys):
@@ -268,12 +268,12 @@ def test_cli_promote_and_rollback(env, capsys):
 
 
 def test_a_version_that_failed_the_gate_is_promoted_only_with_force(env):
-    from lora_pipeline import registry
+    from lora_pipeline import promotion
 
     name = "tiny-llama-gated"
     version = _register(env, "gated-1", name=name, tags={**LINEAGE, "gate_passed": "False",
                                                         "gate_reasons": "FAIL: regression drop +0.250"}).version
-    with pytest.raises(registry.PromotionError, match="failed the gate .*regression drop"):
-        registry.promote(env["uri"], name, version)
-    assert registry.version_by_alias(env["uri"], name, "champion") is None
-    assert registry.promote(env["uri"], name, version, force=True)["champion"] == version
+    with pytest.raises(promotion.PromotionError, match="failed the gate .*regression drop"):
+        promotion.promote(env["uri"], name, version)
+    assert promotion.version_by_alias(env["uri"], name, "champion") is None
+    assert promotion.promote(env["uri"], name, version, force=True)["champion"] == version
