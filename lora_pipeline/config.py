@@ -239,8 +239,9 @@ class MergeConfig(_Strict):
         1e-4, gt=0, description="Max relative logit difference, merged vs the same base with the adapter unmerged."
     )
     quantized_parity_tolerance: float = Field(
-        2e-2, gt=0, description="Max relative logit difference, merged vs the 4-bit base + adapter as evaluated."
-    )
+        5e-2, gt=0, description="Max relative logit difference, merged vs the 4-bit base + adapter as evaluated. "
+        "bitsandbytes' 4-bit kernels differ from exact de-quantisation (on CPU they compute in bfloat16): measured "
+        "0.005 on the 4-layer demo model and 0.038 on the 30-layer SmolLM2-135M; a broken merge is off by ~1.")
     parity_samples: int = Field(8, gt=0, description="Held-out prompts used for the parity check.")
 
 

@@ -20,6 +20,7 @@ from lora_pipeline.base_model import model_stop_ids
 from lora_pipeline.config import BASE_ANSWERS, PipelineConfig
 from lora_pipeline.evaluation import comparison_table, evaluate_model, generate_answers, write_comparison_chart, \
     write_metrics
+from lora_pipeline.formatting import stop_token_ids
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
 from lora_pipeline.suites import load_eval_suites, write_references
 
@@ -105,7 +106,7 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
     from peft import PeftModel
 
     from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
-    from lora_pipeline.registry import RUN_KEY_TAG, load_text_generation, mlflow_client
+    from lora_pipeline.registry import RUN_KEY_TAG, load_registered_model, mlflow_client
 
     name = cfg.registry.model_name
     version = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)
@@ -126,12 +127,9 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
             stops = model_stop_ids(cfg.model.name_or_path, cfg.model.revision, tokenizer)
             scored_as = "its adapter on this run's quantised base"
         else:
-            pipe = load_text_generation(f"models:/{name}/{version}", tracking_uri, dst_dir=download)
-            model, tokenizer = pipe.model, pipe.tokenizer
-            eos = model.generation_config.eos_token_id
-            from lora_pipeline.formatting import stop_token_ids
-
-            stops = stop_token_ids(tokenizer, eos)
+            loaded = load_registered_model(f"models:/{name}/{version}", tracking_uri, dst_dir=download)
+            model, tokenizer = loaded.model, loaded.tokenizer
+            stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)  # its registered stop set
             scored_as = "as registered (trained on another base)"
         metrics = score(cfg, model, tokenizer, stops, run_dir, CHAMPION)
     finally:  # a model copy; the registry keeps the original

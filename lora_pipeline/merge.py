@@ -77,6 +77,8 @@ def _dequantized_base(cfg: PipelineConfig, device: torch.device) -> tuple[Any, b
     model = load_base_model(cfg.model, cfg.quant, device)
     if quantized:
         # The same quantised weights the adapter was trained against, de-quantised to the compute dtype.
+        # Always a fresh load: bitsandbytes 0.50's CPU kernel repacks 4-bit weights on their first forward
+        # pass, after which dequantize() returns wrong weights (relative logit difference 1.35 on SmolLM2).
         model = model.dequantize()
     return model, quantized
 
@@ -93,7 +95,7 @@ def merge_adapter(
     Two parity checks on ``prompts`` (token ids): the merged model against the same de-quantised base
     with the adapter unmerged (the merge must be exact: ``merge.parity_tolerance``), and against the
     4-bit base + adapter that was evaluated (``merge.quantized_parity_tolerance``; bitsandbytes' 4-bit
-    inference kernels differ from exact de-quantisation by ~0.1-0.5 %).
+    inference kernels differ from exact de-quantisation: ~0.5 % on the demo model, ~4 % on a 30-layer one).
 
     The merged model's ``generation_config.eos_token_id`` is the whole stop set ``stop_ids`` (a list:
     Llama 3 stops on three ids; overwriting it with the tokenizer's one EOS would make it ramble on).

@@ -21,6 +21,7 @@ from lora_pipeline.config import BASE_ANSWERS, PipelineConfig
 from lora_pipeline.data import read_messages
 from lora_pipeline.data.writer import EVAL_FILENAME
 from lora_pipeline.evaluation import EvalSuites, Generation
+from lora_pipeline.formatting import encode_generation_prompt, prompt_turns
 
 RESOURCES = Path(__file__).parent / "resources"
 #: General prompts whose base-model answers become the regression references (``base_answers``). Each asks
@@ -108,8 +109,6 @@ def load_eval_suites(cfg: PipelineConfig, run_dir: Path, *, has_chat_template: b
 def sample_prompts(tokenizer: Any, suites: EvalSuites, count: int, text_tokens: int = 32) -> list[list[int]]:
     """Prompt token ids for parity checks and examples: generation prompts of the task rows, or the
     first ``text_tokens`` tokens of the held-out texts for text data."""
-    from lora_pipeline.formatting import encode_generation_prompt, prompt_turns
-
     if suites.task:
         return [encode_generation_prompt(tokenizer, prompt_turns(row["messages"])) for row in suites.task[:count]]
     return [list(tokenizer(text)["input_ids"])[:text_tokens] for text in suites.task_text[:count]]

@@ -111,3 +111,29 @@ def test_validate_data_holds_out_a_deterministic_eval_split_without_eval_path(ti
     prompts = lambda rows: {row["messages"][0]["content"] for row in rows}  # noqa: E731
     assert not prompts(held_out) & prompts(clean)  # kept out of training
     assert (outs[0] / "eval.jsonl").read_text() == (outs[1] / "eval.jsonl").read_text()  # deterministic
+
+
+@pytest.mark.parametrize("command", ["validate-data", "run"])
+def test_a_tokenizer_that_cannot_be_trained_on_is_one_line_naming_the_rule(command, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model-without-template"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = None
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model).chat_template is None
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(8)))
+    args = _validate_args(model, source, tmp_path / "out", "--set", "data.format=prompt_completion",
+                          "--set", f"output_dir={tmp_path / 'outputs'}")
+    args[0] = command
+    if command == "run":
+        args[1:3] = []  # run has no --out
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chat_template: the tokenizer has no chat template" in err and str(model) in err
+    assert "Traceback" not in err

@@ -85,3 +85,29 @@ def test_malformed_override_is_refused():
 def test_config_hash_tracks_every_setting():
     assert load_config(None).config_hash() == load_config(None).config_hash()
     assert load_config(None).config_hash() != load_config(None, ["train.seed=1"]).config_hash()
+
+
+def test_run_key_covers_what_changes_the_adapter_and_nothing_else():
+    def key(*overrides: str, data: str = "data-hash", base: str = "sha256:base") -> str:
+        return load_config(None, list(overrides)).run_key(data, base)
+
+    reference = key()
+    # Judging, tracking, registering or placing the result never retrains.
+    for unrelated in ("gate.min_task_gain=0.9", "eval.max_new_tokens=7", "eval.match=normalized",
+                      "registry.model_name=other", "registry.store=adapter", "mlflow.experiment_name=x",
+                      "merge.parity_samples=3", "output_dir=/elsewhere", "data.eval_path=held_out.jsonl",
+                      "data.path=moved/train.jsonl", "model.name_or_path=/moved/model"):
+        assert key(unrelated) == reference, unrelated
+    # What training reads does.
+    for relevant in ("lora.r=8", "train.learning_rate=1e-4", "quant.quant_type=fp4", "data.max_length=64",
+                     "model.chat_template=chatml", "train.optim=adamw_torch"):
+        assert key(relevant) != reference, relevant
+    assert key(data="other-data") != reference and key(base="sha256:other-weights") != reference
+
+
+def test_run_key_changes_with_the_training_libraries(monkeypatch):
+    import lora_pipeline.config as config_module
+
+    reference = load_config(None).run_key("d", "b")
+    monkeypatch.setattr(config_module, "_library_versions", lambda: {"torch": "9.9", "trl": "0.1"})
+    assert load_config(None).run_key("d", "b") != reference

@@ -189,3 +189,26 @@ def test_changing_only_the_gate_reuses_the_trained_adapter_and_its_version(prefe
     changed = finetune(config_path=str(small_config), overrides=["train.seed=2", "lora.r=8", "gate.min_task_gain=-1.0",
                                                                  "gate.champion_tolerance=1.0"])
     assert changed["run_key"] != summary["run_key"]
+
+
+def test_text_data_trains_without_a_template_and_gates_on_held_out_perplexity(prefect_api, small_config, tmp_path,
+                                                                             monkeypatch):
+    """data.format=text (continued pre-training): the task suite is the held-out texts' perplexity."""
+    from flows.finetune import finetune
+
+    from tests.conftest import ANIMALS, COLOURS
+
+    monkeypatch.chdir(tmp_path)
+    texts = [{"text": f"the {c} {a} sees the {c2} {a2}"} for c in COLOURS for a in ANIMALS for c2, a2 in
+             zip(COLOURS[:2], ANIMALS[1:3], strict=True)]
+    source = Path(_write_jsonl(tmp_path / "texts.jsonl", texts))
+    summary = finetune(config_path=str(small_config), overrides=[
+        f"data.path={source}", "data.format=text", "data.eval_path=null", "data.eval_fraction=0.2",
+        "train.learning_rate=1e-2", "registry.model_name=e2e-text", "gate.min_task_gain=0.05"])
+    assert summary["status"] == "completed"
+    assert 0 < summary["data"]["n_held_out"] < len(texts)
+    base, candidate = summary["eval"]["base"], summary["eval"]["candidate"]
+    assert "task_exact_match" not in candidate  # no answers to match in text data
+    assert candidate["task_perplexity"] < base["task_perplexity"]  # it learned the held-out texts' language
+    assert summary["gate"]["reasons"][0].startswith("PASS: task gain (perplexity)")
+    assert summary["gate"]["passed"] is True and summary["registered_model"]["version"] == "1"
