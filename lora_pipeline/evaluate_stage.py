@@ -106,7 +106,8 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
     from peft import PeftModel
 
     from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
-    from lora_pipeline.registry import RUN_KEY_TAG, load_registered_model, mlflow_client
+    from lora_pipeline.loading import load_registered_model
+    from lora_pipeline.registry import RUN_KEY_TAG, mlflow_client
 
     name = cfg.registry.model_name
     version = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)

@@ -16,7 +16,7 @@ Two storage forms (version tag ``store``):
 
 MLflow's adapter form stores no generation config: a plain load gets the *base's* stop ids. So the
 logged model's generation config (the full EOS set) is also kept in the MLmodel metadata, restored by
-:func:`load_text_generation`, and passed as ``model_config`` so MLflow's pyfunc serving stops there too.
+:func:`lora_pipeline.loading.load_text_generation`, and passed as ``model_config`` so MLflow's pyfunc serving stops there too.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from packaging.version import Version
 from lora_pipeline.tracking import fluent_tracking_uri, log_artifacts, masked_tags, mlflow_client, set_tags
 
 if TYPE_CHECKING:
-    from transformers import Pipeline
-
     from lora_pipeline.config import RegistryConfig
 
 logger = logging.getLogger(__name__)
@@ -387,96 +385,6 @@ def register_model(
     set_tags(tracking_uri, run_id, {**lineage, "registered_model_uri": f"models:/{name}/{created.version}"})
     return RegisteredVersion(name=name, version=str(created.version), run_id=run_id,
                              model_uri=f"models:/{name}/{created.version}", created=True)
-
-
-def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None = None, *,
-                         base_model_path: Path | None = None) -> Pipeline:
-    """Load a registered model, either form, as a transformers ``text-generation`` pipeline.
-
-    Args:
-        model_uri: ``models:/NAME/VERSION`` (or any MLflow model URI).
-        tracking_uri: Tracking/registry store URI that resolves ``models:/`` URIs.
-        dst_dir: Existing directory to download the artifacts to (a new temp dir when None).
-        base_model_path: Adapter form only: load the base from here instead of the directory
-            recorded at registration (e.g. another machine's mount of the same base).
-
-    Returns:
-        The pipeline; its model is a ``PeftModel`` (base + adapter) for the adapter form. It accepts
-        a prompt or a list of chat messages (the chat template is applied) and stops at every id of
-        the generation config logged with the model.
-
-    Raises:
-        FileNotFoundError: an adapter-form version whose base directory is not there.
-    """
-    import mlflow.transformers
-    from mlflow.models import get_model_info
-
-    with fluent_tracking_uri(tracking_uri):
-        info = get_model_info(model_uri)
-        base_dir = base_model_path or info.flavors["transformers"].get("local_base_model_path")
-        if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"{model_uri} stores an adapter on the base model at {base_dir}, which is not "
-                                    "there: restore it, or pass base_model_path")
-        pipe = mlflow.transformers.load_model(model_uri, dst_path=str(dst_dir) if dst_dir else None,
-                                              base_model_path=str(base_model_path) if base_model_path else None)
-    if stored := (info.metadata or {}).get(GENERATION_CONFIG_KEY):
-        _set_generation_config(pipe.model, stored)
-    return pipe
-
-
-def _set_generation_config(model: Any, stored: dict[str, Any]) -> None:
-    """Restore the logged generation config (versions logged before it was stored keep their own)."""
-    from peft import PeftModel
-    from transformers import GenerationConfig
-
-    # On the transformers model itself: PeftModel.generate runs the base model's generate().
-    target = model.get_base_model() if isinstance(model, PeftModel) else model
-    target.generation_config = GenerationConfig.from_dict(stored)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A registered version ready to generate.
-
-    Attributes:
-        model: The causal LM: a ``PeftModel`` (base + adapter) for an adapter-form version unless
-            loaded with ``merge_adapter``; ``generation_config.eos_token_id`` is the registered stop set.
-        tokenizer: Its tokenizer, with the chat template it was trained with.
-        store: ``"merged"`` or ``"adapter"``: how the version is stored.
-    """
-
-    model: Any
-    tokenizer: Any
-    store: Store
-
-
-def load_registered_model(model_uri: str, tracking_uri: str, dst_dir: Path | None = None, *,
-                          merge_adapter: bool = False, base_model_path: Path | None = None) -> LoadedModel:
-    """Load a registered version, either form, as model + tokenizer (see :func:`load_text_generation`).
-
-    Args:
-        model_uri: ``models:/NAME/VERSION`` (or any MLflow model URI).
-        tracking_uri: Tracking/registry store URI that resolves ``models:/`` URIs.
-        dst_dir: Existing directory to download the artifacts to (a new temp dir when None).
-        merge_adapter: Merge an adapter-form version's adapter into its base in memory
-            (``merge_and_unload(safe_merge=True)``): as fast as a merged model, for serving. Off, the
-            ``PeftModel`` computes exactly what was registered (evaluation).
-        base_model_path: Adapter form only: where the base is, if not where it was at registration.
-
-    Raises:
-        FileNotFoundError: an adapter-form version whose base directory is not there.
-        MergeError: the in-memory merge left LoRA layers behind.
-    """
-    from peft import PeftModel
-
-    pipe = load_text_generation(model_uri, tracking_uri, dst_dir, base_model_path=base_model_path)
-    model = pipe.model
-    store: Store = "adapter" if isinstance(model, PeftModel) else "merged"
-    if merge_adapter and store == "adapter":
-        from lora_pipeline.merge import merge_lora
-
-        model = merge_lora(model)  # the base's generation config (the stop set) stays on it
-    return LoadedModel(model=model.eval(), tokenizer=pipe.tokenizer, store=store)
 
 
 def set_version_tags(tracking_uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:

@@ -162,7 +162,7 @@ def load_registered_generator(tracking_uri: str, reference: str) -> tuple[TextGe
     """Load ``NAME@ALIAS`` from the registry, merged or adapter form; returns the generator and what was
     loaded (name, alias, version)."""
     from lora_pipeline.promotion import version_by_alias
-    from lora_pipeline.registry import load_registered_model
+    from lora_pipeline.loading import load_registered_model
 
     name, alias = parse_model_reference(reference)
     version = version_by_alias(tracking_uri, name, alias)

@@ -20,7 +20,7 @@ from lora_pipeline.demo_world import ensure_demo_world
 from lora_pipeline.formatting import check_tokenizer, format_dataset
 from lora_pipeline.merge import merge_adapter
 from lora_pipeline.modeling import load_tokenizer
-from lora_pipeline.suites import GENERAL_TEXT, load_eval_suites, sample_prompts, write_references
+from lora_pipeline.suites import GENERAL_PROMPTS, GENERAL_TEXT, load_eval_suites, sample_prompts
 from lora_pipeline.training import LOSS_CURVE_FILENAME, train_qlora
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def check_data(cfg: PipelineConfig, out_dir: Path) -> ValidationResult:
         FormatError: the tokenizer cannot be trained on (checked once, before any row).
     """
     tokenizer, stops = training_tokenizer(cfg)
-    held_out = [Path(p) for p in (cfg.data.eval_path, cfg.eval.regression_qa_path) if p and p != BASE_ANSWERS]
+    qa = GENERAL_PROMPTS if cfg.eval.regression_qa_path == BASE_ANSWERS else cfg.eval.regression_qa_path
+    held_out = [Path(p) for p in (cfg.data.eval_path, qa) if p]
     return validate_dataset(
         cfg.data,
         cfg.data.path,

@@ -48,8 +48,7 @@ def general_prompt_rows(limit: int) -> list[dict[str, Any]]:
     """The package's general prompts as conversations whose answer is still to be written."""
     rows = []
     for line in GENERAL_PROMPTS.read_text(encoding="utf-8").splitlines()[:limit]:
-        prompt = json.loads(line)["prompt"]
-        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]})
+        rows.append({"messages": [*json.loads(line)["messages"], {"role": "assistant", "content": ""}]})
     return rows
 
 

@@ -1,7 +1,6 @@
 """MLflow tasks: open the pipeline run, log small results, close it."""
 
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 

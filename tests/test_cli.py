@@ -1,10 +1,13 @@
 """The CLI refuses bad configs and missing inputs before any work starts, naming the key or path."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lora_pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -137,3 +140,16 @@ def test_a_tokenizer_that_cannot_be_trained_on_is_one_line_naming_the_rule(comma
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "chat_template: the tokenizer has no chat template" in err and str(model) in err
     assert "Traceback" not in err
+
+
+def test_training_rows_asking_a_base_answers_prompt_are_quarantined(tiny_model_dir, tmp_path, capsys):
+    # With base_answers, the package's general prompts are a held-out suite: training on one is contamination.
+    general = json.loads((REPO / "lora_pipeline" / "resources" / "general_prompts.jsonl").read_text().splitlines()[0])
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(8)]
+    rows.append({"prompt": general["messages"][0]["content"].upper(), "completion": "Paris."})
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = _validate_args(tiny_model_dir, source, tmp_path / "out", "--set", "data.format=prompt_completion",
+                          "--set", "eval.regression_qa_path=base_answers")
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["reason_counts"] == {"contaminated": 1}

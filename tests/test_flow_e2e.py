@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_pipeline.registry import load_text_generation
+from lora_pipeline.loading import load_text_generation
 from tests.conftest import chat_rows
 
 STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register",

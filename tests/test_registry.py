@@ -7,7 +7,8 @@ import pytest
 
 from lora_pipeline import tracking
 from lora_pipeline.config import RegistryConfig
-from lora_pipeline.registry import RegisteredVersion, find_version_by_run_key, load_text_generation, register_model
+from lora_pipeline.loading import load_text_generation
+from lora_pipeline.registry import RegisteredVersion, find_version_by_run_key, register_model
 from tests.tiny_model import build_tiny_llama
 
 NAME = "tiny-llama"

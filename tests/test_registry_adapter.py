@@ -18,13 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_pipeline import tracking
 from lora_pipeline.config import RegistryConfig
 from lora_pipeline.merge import relative_diff
-from lora_pipeline.registry import (
-    RegisteredVersion,
-    find_version_by_run_key,
-    load_registered_model,
-    register_model,
-    resolve_base_dir,
-)
+from lora_pipeline.loading import load_registered_model
+from lora_pipeline.registry import RegisteredVersion, find_version_by_run_key, register_model, resolve_base_dir
 from lora_pipeline.serving import build_app, load_registered_generator
 from tests.tiny_model import build_tiny_llama
 
