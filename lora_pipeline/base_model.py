@@ -10,17 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.build_once import COMPLETE_MARKER, build_once
+
 logger = logging.getLogger(__name__)
 
 GGUF_SUFFIX = ".gguf"
-COMPLETE_MARKER = "COMPLETE"
 #: What a converted directory records about the file it came from.
 SOURCE_FILENAME = "gguf_source.json"
 #: Files whose bytes are a model's weights (what a local directory's fingerprint hashes).
@@ -47,48 +45,37 @@ def convert_gguf(gguf_path: Path, cache_root: Path, log: Callable[[str], None] =
 
     transformers loads a GGUF file de-quantised but refuses to ``save_pretrained`` it (the model still
     carries the GGUF quantizer), so the weights are moved into a plain instance of the same class,
-    built from the config without ``quantization_config``. The directory is written under a staging
-    name and renamed into place, so a crash or a concurrent conversion never leaves a half directory.
+    built from the config without ``quantization_config``. The directory is built once
+    (:func:`lora_pipeline.build_once.build_once`): a crash or a concurrent conversion never leaves a
+    half directory.
 
     Returns:
         The model directory (weights, tokenizer with its chat template, generation config).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_path).expanduser().resolve()
     digest = file_sha256(gguf_path)
     final = Path(cache_root).expanduser().resolve() / f"{gguf_path.stem}-{digest[:16]}"
-    if (final / COMPLETE_MARKER).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.converting-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log(f"converting GGUF {gguf_path.name} (sha256 {digest[:16]}) to a float32 model directory at {final}")
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                      dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):  # no random init of weights that are replaced right away
-            plain = type(loaded)(config)
-        plain.load_state_dict(loaded.state_dict(), assign=True)
-        plain.tie_weights()
-        plain.generation_config = loaded.generation_config
-        plain.save_pretrained(str(staging), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
-        (staging / SOURCE_FILENAME).write_text(json.dumps({"file": gguf_path.name, "sha256": digest}, indent=2))
-        (staging / COMPLETE_MARKER).write_text("")
-        try:
-            os.replace(staging, final)
-        except OSError:
-            if not (final / COMPLETE_MARKER).is_file():
-                raise
-            log(f"{final.name} was converted by another process; using it")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return build_once(final, lambda staging: _dequantize_into(gguf_path, digest, staging), log, "GGUF conversion")
+
+
+def _dequantize_into(gguf_path: Path, digest: str, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):  # no random init of weights that are replaced right away
+        plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / SOURCE_FILENAME).write_text(json.dumps({"file": gguf_path.name, "sha256": digest}, indent=2))
+    (out_dir / COMPLETE_MARKER).write_text("")
 
 
 def _local_weights_digest(model_dir: Path) -> str:

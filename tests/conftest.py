@@ -79,3 +79,19 @@ def smollm2_dir(smollm2_gguf) -> Path:
     cfg = load_config(None, [f"model.name_or_path={smollm2_gguf}", f"output_dir={REAL_MODEL_CACHE}",
                              "data.path=unused.jsonl"])
     return Path(resolve_assets(cfg).config.model.name_or_path)
+
+
+@pytest.fixture(scope="module")
+def mlflow_workdir(tmp_path_factory):
+    """An empty working directory with no MLflow settings inherited from the environment.
+
+    MLflow's defaults are ./mlruns (artifacts) and ./mlflow.db (store): a module that asserts the
+    directory stays empty proves nothing was written relative to the working directory.
+    """
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("TRACKING_URI", "REGISTRY_URI", "EXPERIMENT_ID", "EXPERIMENT_NAME"):
+            mp.delenv(f"MLFLOW_{var}", raising=False)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.chdir(cwd)
+        yield cwd

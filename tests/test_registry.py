@@ -17,26 +17,14 @@ LINEAGE = {"data_hash": "d41d8cd9", "config_hash": "0123abcd", "base_model": "bu
 PROMPT = [{"role": "user", "content": "what is the capital of france?"}]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Empty working directory, no inherited MLflow settings; checked empty after every test."""
-    cwd = tmp_path_factory.mktemp("cwd")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("TRACKING_URI", "REGISTRY_URI", "EXPERIMENT_ID", "EXPERIMENT_NAME"):
-            mp.delenv(f"MLFLOW_{var}", raising=False)
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.chdir(cwd)
-        yield cwd
-
-
 @pytest.fixture(autouse=True)
-def nothing_in_cwd(workdir):
+def nothing_in_cwd(mlflow_workdir):
     yield
-    assert sorted(p.name for p in workdir.iterdir()) == []  # no ./mlruns, no ./mlflow.db
+    assert sorted(p.name for p in mlflow_workdir.iterdir()) == []  # no ./mlruns, no ./mlflow.db
 
 
 @pytest.fixture(scope="module")
-def env(workdir, tmp_path_factory):
+def env(mlflow_workdir, tmp_path_factory):
     """A tiny model + adapter dir, a tracking store and one pipeline run (built once: ~3 s)."""
     out = tmp_path_factory.mktemp("out")
     model = build_tiny_llama(out / "merged")

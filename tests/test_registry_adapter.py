@@ -30,22 +30,10 @@ PROMPT = [{"role": "user", "content": "what is the capital of france?"}]
 LOGIT_TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Empty working directory, no inherited MLflow settings; checked empty after every test."""
-    cwd = tmp_path_factory.mktemp("cwd")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("TRACKING_URI", "REGISTRY_URI", "EXPERIMENT_ID", "EXPERIMENT_NAME"):
-            mp.delenv(f"MLFLOW_{var}", raising=False)
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.chdir(cwd)
-        yield cwd
-
-
 @pytest.fixture(autouse=True)
-def nothing_in_cwd(workdir):
+def nothing_in_cwd(mlflow_workdir):
     yield
-    assert sorted(p.name for p in workdir.iterdir()) == []
+    assert sorted(p.name for p in mlflow_workdir.iterdir()) == []  # no ./mlruns, no ./mlflow.db
 
 
 @torch.no_grad()
@@ -54,7 +42,7 @@ def _logits(model, prompt_ids: list[int]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def world(workdir, tmp_path_factory):
+def world(mlflow_workdir, tmp_path_factory):
     """A tiny base dir, a non-trivial LoRA adapter (with tokenizer) on it, a tracking store and a run.
 
     The stop set has two ids: the tokenizer's EOS and the token base + adapter answers first, so a

@@ -12,27 +12,14 @@ from lora_pipeline import tracking
 from lora_pipeline.config import MlflowConfig
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """Run the module from an empty working directory, with no MLflow env settings inherited."""
-    cwd = tmp_path_factory.mktemp("cwd")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("TRACKING_URI", "REGISTRY_URI", "EXPERIMENT_ID", "EXPERIMENT_NAME"):
-            mp.delenv(f"MLFLOW_{var}", raising=False)
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.chdir(cwd)
-        yield cwd
-
-
 @pytest.fixture(autouse=True)
-def nothing_in_cwd(workdir):
+def nothing_in_cwd(mlflow_workdir):
     yield
-    # MLflow's defaults are ./mlruns (artifacts) and ./mlflow.db (store): neither may appear.
-    assert sorted(p.name for p in workdir.iterdir()) == []
+    assert sorted(p.name for p in mlflow_workdir.iterdir()) == []  # no ./mlruns, no ./mlflow.db
 
 
 @pytest.fixture(scope="module")
-def store(workdir, tmp_path_factory):
+def store(mlflow_workdir, tmp_path_factory):
     """One SQLite store for the module (creating one costs ~1.5 s)."""
     out = tmp_path_factory.mktemp("out")
     return out, tracking.default_tracking_uri(out)

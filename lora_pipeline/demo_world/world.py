@@ -8,22 +8,19 @@ a finished one; a later call with the same spec returns the cached paths without
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.build_once import COMPLETE_MARKER, build_once
 from lora_pipeline.demo_world.corpus import WorldRows, build_world_rows
 from lora_pipeline.demo_world.lexicon import build_lexicon
 from lora_pipeline.demo_world.pretrain import encode_rows, generation_config, pretrain_model
 from lora_pipeline.demo_world.spec import FORMAT_VERSION, DemoWorldSpec
 from lora_pipeline.demo_world.tokenizer import tokenizer_texts, train_tokenizer
 
-COMPLETE_MARKER = "COMPLETE"
 #: Default generation budget saved in generation_config.json (longest answer is ~10 tokens).
 _MAX_NEW_TOKENS = 32
 
@@ -65,31 +62,7 @@ def ensure_demo_world(spec: DemoWorldSpec, cache_root: Path, log: Callable[[str]
         The world's paths.
     """
     final = Path(cache_root).expanduser().resolve() / spec.spec_hash()
-    if (final / COMPLETE_MARKER).is_file():
-        return DemoWorld.at(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log(f"demo world: building {final.name} (seed {spec.seed}) in {staging}")
-    try:
-        _build(spec, staging, log)
-        _publish(staging, final, log)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # only left over if the build failed or lost a race
-    return DemoWorld.at(final)
-
-
-def _publish(staging: Path, final: Path, log: Callable[[str], None]) -> None:
-    """Atomically move a finished build into place, unless a concurrent build got there first."""
-    if final.exists() and not (final / COMPLETE_MARKER).is_file():
-        shutil.rmtree(final)  # debris without the marker is never trusted
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if not (final / COMPLETE_MARKER).is_file():
-            raise
-        log(f"demo world: {final.name} was completed by another process; using it")
-        return
-    log(f"demo world: ready at {final}")
+    return DemoWorld.at(build_once(final, lambda staging: _build(spec, staging, log), log, "demo world"))
 
 
 def _build(spec: DemoWorldSpec, root: Path, log: Callable[[str], None]) -> None:
