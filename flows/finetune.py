@@ -91,7 +91,7 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
             if champion and champion["metrics"]:
                 results[CHAMPION] = champion["metrics"]
             summary.results["eval"] = results
-            summary.results["eval_suites"] = describe_suites(cfg)
+            summary.results["eval_suites"] = describe_suites(cfg, run_dir)
             summary.results["comparison"] = compare_models(str(run_dir), results)
         with summary.stage("gate"):
             decision = gate_candidate(results[BASE], results[CANDIDATE], cfg.gate,

@@ -77,10 +77,11 @@ def score(cfg: PipelineConfig, model: Any, tokenizer: Any, stop_ids: list[int], 
     return metrics
 
 
-def describe_suites(cfg: PipelineConfig) -> dict[str, str]:
-    """What each suite is, in words, for the summary (so a reader knows what the figures measure)."""
+def describe_suites(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
+    """What each suite is, in words, so a reader knows what the figures measure; also written to
+    ``eval/suites.json`` (logged to MLflow with the other evaluation files)."""
     qa = cfg.eval.regression_qa_path
-    return {
+    description = {
         "task": str(cfg.data.eval_path) if cfg.data.eval_path else
         f"held-out split of data.path ({cfg.data.eval_fraction:.0%} of its rows, by prompt hash)",
         "regression_qa": "the base model's own greedy answers to the package's general prompts: regression exact "
@@ -89,6 +90,10 @@ def describe_suites(cfg: PipelineConfig) -> dict[str, str]:
         "regression_text": str(cfg.eval.regression_text_path),
         "base": "the base as quantised for training (quant.*); base_full_precision is the unquantised base",
     }
+    path = run_dir / "eval" / "suites.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(description, indent=2))
+    return description
 
 
 def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run_key: str,

@@ -122,6 +122,7 @@ def test_evaluation_is_fair_and_says_what_it_measured(pipeline_run):
     assert evaluations["base"]["regression_stop_rate"] == 1.0
     assert "drifted from the base" in summary["eval_suites"]["regression_qa"]
     assert "held-out split" in summary["eval_suites"]["task"]
+    assert json.loads((Path(summary["run_dir"]) / "eval" / "suites.json").read_text()) == summary["eval_suites"]
     assert "task_exact_match" in summary["comparison"]["quantization_cost"]
     references = Path(summary["run_dir"]) / "eval" / "regression_references.jsonl"
     assert len(references.read_text().splitlines()) == 6
