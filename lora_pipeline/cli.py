@@ -139,8 +139,8 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 
     try:
         stages.preflight(cfg)
-    except FormatError as exc:
-        print(f"error: {cfg.model.name_or_path}: {exc}", file=sys.stderr)
+    except (FormatError, OSError, ValueError) as exc:  # an untrainable tokenizer, a model that cannot load
+        print(f"error: model.name_or_path={cfg.model.name_or_path}: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     from flows.finetune import finetune  # imported late: Prefect reads the environment at import
 
@@ -180,7 +180,7 @@ def _validate_data(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FormatError as exc:  # the tokenizer itself cannot be trained on: one line naming the rule
-        print(f"error: {cfg.model.name_or_path}: {exc}", file=sys.stderr)
+        print(f"error: model.name_or_path={cfg.model.name_or_path}: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({
         "success": result.success,

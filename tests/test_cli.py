@@ -156,3 +156,14 @@ def test_training_rows_asking_a_base_answers_prompt_are_quarantined(tiny_model_d
     printed = _validate_prompt_completion_rows(tiny_model_dir, tmp_path, capsys, rows,
                                                "eval.regression_qa_path=base_answers")
     assert printed["reason_counts"] == {"contaminated": 1}
+
+
+def test_run_names_a_model_that_cannot_be_loaded_in_one_line(tmp_path, capsys):
+    not_a_model = tmp_path / "empty-model-dir"
+    not_a_model.mkdir()
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert main(["run", "--set", f"model.name_or_path={not_a_model}", "--set", f"data.path={data}",
+                 "--set", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"model.name_or_path={not_a_model}" in err
