@@ -78,11 +78,11 @@ def build_assets(work: Path, hidden: int, layers: int, n_rows: int) -> tuple[Pat
 BATCH_SIZE = int(os.environ.get("BENCH_BATCH_SIZE", "8"))
 
 
-def _config(model_dir: Path, out: Path, steps: int, packing: bool):
+def _config(model_dir: Path, data: Path, out: Path, steps: int, packing: bool):
     from lora_pipeline.config import load_config
 
     return load_config(None, [
-        f"model.name_or_path={model_dir}", f"output_dir={out}", f"train.max_steps={steps}",
+        f"model.name_or_path={model_dir}", f"output_dir={out}", f"data.path={data}", f"train.max_steps={steps}",
         "train.warmup_steps=1", f"train.save_steps={steps}", "train.logging_steps=5",
         f"train.per_device_batch_size={BATCH_SIZE}", "lora.r=16", "lora.alpha=32", "lora.dropout=0.0",
         f"train.packing={str(packing).lower()}", f"data.max_length={MAX_LENGTH}",
@@ -107,7 +107,7 @@ def case_pipeline(model_dir: Path, data: Path, out: Path, steps: int, packing: b
     from lora_pipeline.modeling import load_tokenizer
     from lora_pipeline.training import pack_rows, train_qlora
 
-    cfg = _config(model_dir, out, steps, packing)
+    cfg = _config(model_dir, data, out, steps, packing)
     tokenized = out / "tokenized.jsonl"
     format_dataset(load_tokenizer(cfg.model), data, tokenized, cfg.data.max_length)
     result = train_qlora(cfg, tokenized, out)

@@ -53,7 +53,9 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    path: str = Field(BUILTIN_DEMO, description="Training data: file, dataset dir, hub name or builtin:demo.")
+    path: str | None = Field(
+        None, description="Training data: file, dataset dir, hub name or builtin:demo. Unset: builtin:demo with the "
+        "builtin:demo model, an error with any other (the demo's rows never train a real model by accident).")
     format: Literal["messages", "alpaca", "sharegpt", "prompt_completion", "text"] = Field(
         "messages", description="Row schema of the source; normalised to chat messages."
     )
@@ -277,6 +279,15 @@ class PipelineConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     demo: DemoWorldSpec = DemoWorldSpec()
     output_dir: Path = Field(Path("outputs"), description="Root of all runs; made absolute at load time.")
+
+    @model_validator(mode="after")
+    def _data_for_the_model(self) -> PipelineConfig:
+        if self.data.path is None:
+            if self.model.name_or_path != BUILTIN_DEMO:
+                raise ValueError(f"data.path is required: model.name_or_path={self.model.name_or_path} is not the demo "
+                                 f"model, so the demo's rows ({BUILTIN_DEMO}) are not its training data")
+            self.data.path = BUILTIN_DEMO
+        return self
 
     def config_hash(self) -> str:
         """Stable hash of every setting (part of the run key for resume and idempotent registration)."""

@@ -26,7 +26,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 def setup(tiny_model_dir, tiny_rows_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     cfg = load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"output_dir={root}",
+        f"model.name_or_path={tiny_model_dir}", f"output_dir={root}", f"data.path={tiny_rows_path}",
         "train.max_steps=8", "train.warmup_steps=1", "train.save_steps=4", "train.logging_steps=1",
         "train.per_device_batch_size=4", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1",
         "train.learning_rate=5e-3",

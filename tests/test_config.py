@@ -89,7 +89,7 @@ def test_config_hash_tracks_every_setting():
 
 def test_run_key_covers_what_changes_the_adapter_and_nothing_else():
     def key(*overrides: str, data: str = "data-hash", base: str = "sha256:base") -> str:
-        return load_config(None, list(overrides)).run_key(data, base)
+        return load_config(None, ["data.path=train.jsonl", *overrides]).run_key(data, base)
 
     reference = key()
     # Judging, tracking, registering or placing the result never retrains.
@@ -111,3 +111,10 @@ def test_run_key_changes_with_the_training_libraries(monkeypatch):
     reference = load_config(None).run_key("d", "b")
     monkeypatch.setattr(config_module, "_library_versions", lambda: {"torch": "9.9", "trl": "0.1"})
     assert load_config(None).run_key("d", "b") != reference
+
+
+def test_a_real_model_never_trains_on_the_demo_rows_by_default():
+    assert load_config(None).data.path == "builtin:demo"  # the demo model gets the demo's rows
+    with pytest.raises(ConfigError, match="data.path is required: model.name_or_path=/my/model is not the demo"):
+        load_config(None, ["model.name_or_path=/my/model"])
+    assert load_config(None, ["model.name_or_path=/my/model", "data.path=my.jsonl"]).data.path == "my.jsonl"

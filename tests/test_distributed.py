@@ -19,7 +19,7 @@ from lora_pipeline.modeling import load_tokenizer
 def two_process_run(tiny_model_dir, tiny_rows_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     cfg = load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"output_dir={root}", "train.num_processes=2",
+        f"model.name_or_path={tiny_model_dir}", f"output_dir={root}", f"data.path={tiny_rows_path}", "train.num_processes=2",
         "train.max_steps=6", "train.warmup_steps=1", "train.save_steps=3", "train.logging_steps=1",
         "train.per_device_batch_size=4", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1",
     ])
@@ -61,7 +61,7 @@ def test_accelerate_config_switches_the_launcher(tiny_model_dir, tmp_path, monke
     from lora_pipeline import distributed
 
     config_file = Path(__file__).resolve().parents[1] / "infra" / "accelerate" / "multi_gpu_ddp.yaml"
-    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}",
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}", "data.path=rows.jsonl",
                              "train.num_processes=4", f"train.accelerate_config={config_file}"])
     launched: list[list[str]] = []
 

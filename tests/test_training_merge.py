@@ -21,7 +21,7 @@ from tests.conftest import chat_rows
 def trained(tiny_model_dir, tiny_rows_path, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"output_dir={run_dir}",
+        f"model.name_or_path={tiny_model_dir}", f"output_dir={run_dir}", f"data.path={tiny_rows_path}",
         "train.max_steps=12", "train.warmup_steps=1", "train.save_steps=6", "train.logging_steps=4",
         "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.learning_rate=5e-3",
     ])
@@ -109,7 +109,8 @@ def test_loss_curve_and_peak_memory_are_recorded(trained):
 def test_lora_and_packing_options_reach_the_adapter(tiny_model_dir, tiny_rows_path, tmp_path, overrides, adapter_config):
     import json
 
-    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}", "train.max_steps=2",
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}", f"data.path={tiny_rows_path}",
+                             "train.max_steps=2",
                              "train.warmup_steps=0", "train.save_steps=2", *overrides])
     tokenized = tmp_path / "tokenized.jsonl"
     format_dataset(load_tokenizer(cfg.model), tiny_rows_path, tokenized, cfg.data.max_length)
