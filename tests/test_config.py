@@ -118,3 +118,9 @@ def test_a_real_model_never_trains_on_the_demo_rows_by_default():
     with pytest.raises(ConfigError, match="data.path is required: model.name_or_path=/my/model is not the demo"):
         load_config(None, ["model.name_or_path=/my/model"])
     assert load_config(None, ["model.name_or_path=/my/model", "data.path=my.jsonl"]).data.path == "my.jsonl"
+
+
+def test_regression_suites_take_the_short_names_too():
+    cfg = load_config(None, ["eval.regression_qa=base_answers", "eval.regression_text=null"])
+    assert (cfg.eval.regression_qa_path, cfg.eval.regression_text_path) == ("base_answers", None)
+    assert load_config(None).eval.regression_qa_path == "auto"  # the demo's suite for the demo, else base_answers
