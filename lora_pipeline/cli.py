@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", metavar="NAME@ALIAS", help="e.g. lora-pipeline-demo@champion")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--follow-seconds", type=float, default=10.0,
+                       help="check the alias this often and swap to a newly promoted version without dropping "
+                       "requests (0: keep serving the version loaded at start)")
     _add_config_args(serve)
     return parser
 
@@ -113,17 +116,23 @@ def _aliases(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     import uvicorn
 
-    from lora_pipeline.serving import build_app, load_registered_generator
+    from lora_pipeline.serving import AliasFollower, build_app
 
     for key, value in _PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lora_pipeline").setLevel(logging.INFO)  # "now serving version N" after a promotion
     try:
-        generator, info = load_registered_generator(_tracking_uri(cfg), args.model)
+        source = AliasFollower(_tracking_uri(cfg), args.model)
     except (ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"serving {args.model} (version {info['version']}) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(build_app(generator, args.model, info), host=args.host, port=args.port, log_level="info")
+    version = source.current().info["version"]
+    following = f", following {args.model} every {args.follow_seconds:g} s" if args.follow_seconds > 0 else ""
+    print(f"serving {args.model} (version {version}) on http://{args.host}:{args.port}{following}", flush=True)
+    if args.follow_seconds > 0:
+        source.follow(args.follow_seconds)
+    uvicorn.run(build_app(source, args.model), host=args.host, port=args.port, log_level="info")
     return 0
 
 

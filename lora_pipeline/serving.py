@@ -3,22 +3,28 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's own chat template is
 applied, as in training and evaluation) and ``GET /health``. Made for CPU smoke tests, demos and
 small internal services; for GPU serving at scale use vLLM (see ``deployments/README.md``). The
-model is loaded once from the MLflow registry (transformers flavor); generation runs one request at
-a time, greedy when ``temperature`` is 0, and stops at the EOS ids of its generation config.
+version behind ``NAME@ALIAS`` is loaded from the MLflow registry (merged or adapter form) and the
+alias is followed: a promotion or rollback swaps the new version in without dropping requests.
+Generation runs one request at a time, greedy when ``temperature`` is 0, and stops at every id of the
+model's generation config (its whole stop set).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, Field
 
 from lora_pipeline.formatting import encode_generation_prompt
+
+logger = logging.getLogger(__name__)
 
 #: Generation budget when a request does not say (OpenAI's completions default is 16).
 DEFAULT_MAX_TOKENS = 64
@@ -104,8 +110,36 @@ def _usage(result: GenerationResult) -> dict[str, int]:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | None = None) -> Any:
-    """The FastAPI app serving ``generator`` under ``model_name`` (what ``/v1/models`` and replies report)."""
+@dataclass(frozen=True)
+class Served:
+    """What the server answers with: a generator and what it is (name, alias, version). Swapped whole."""
+
+    generator: TextGenerator
+    info: dict[str, str]
+
+
+class ModelSource(Protocol):
+    """Where each request gets the model it is answered by (read once per request)."""
+
+    def current(self) -> Served: ...
+
+
+class FixedModel:
+    """A source that always serves the same model."""
+
+    def __init__(self, generator: TextGenerator, info: dict[str, str] | None = None) -> None:
+        self._served = Served(generator, dict(info or {}))
+
+    def current(self) -> Served:
+        return self._served
+
+
+def build_app(source: ModelSource, model_name: str) -> Any:
+    """The FastAPI app serving ``source`` under ``model_name`` (what ``/v1/models`` and replies report).
+
+    Each request takes ``source.current()`` once, so a model swapped in while it runs never answers
+    half of it: requests in flight finish on the model they started with.
+    """
     from fastapi import FastAPI, HTTPException
 
     app = FastAPI(title="lora-pipeline model server", version="1")
@@ -117,7 +151,7 @@ def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | 
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **(info or {})}
+        return {"status": "ok", "model": model_name, **source.current().info}
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -126,6 +160,7 @@ def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | 
     @app.post("/v1/completions")
     def completions(request: CompletionRequest) -> dict[str, Any]:
         refuse_streaming(request)
+        generator = source.current().generator
         result = generator.generate(generator.text_prompt_ids(request.prompt), request)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
@@ -136,6 +171,7 @@ def build_app(generator: TextGenerator, model_name: str, info: dict[str, str] | 
     def chat_completions(request: ChatCompletionRequest) -> dict[str, Any]:
         refuse_streaming(request)
         messages = [message.model_dump() for message in request.messages]
+        generator = source.current().generator
         result = generator.generate(generator.chat_prompt_ids(messages), request)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
@@ -158,18 +194,79 @@ def parse_model_reference(reference: str) -> tuple[str, str]:
     raise ValueError(f"expected NAME@ALIAS (e.g. my-model@champion), got {reference!r}")
 
 
-def load_registered_generator(tracking_uri: str, reference: str) -> tuple[TextGenerator, dict[str, str]]:
-    """Load ``NAME@ALIAS`` from the registry, merged or adapter form; returns the generator and what was
-    loaded (name, alias, version)."""
-    from lora_pipeline.promotion import version_by_alias
+def load_version(tracking_uri: str, name: str, version: str) -> TextGenerator:
+    """One registered version, merged or adapter form, ready to serve.
+
+    An adapter is merged into its base in memory: one adapter per server, so unmerged LoRA matmuls
+    would only slow every token down.
+    """
     from lora_pipeline.loading import load_registered_model
 
-    name, alias = parse_model_reference(reference)
-    version = version_by_alias(tracking_uri, name, alias)
-    if version is None:
-        raise LookupError(f"registered model {name!r} has no alias {alias!r} in {tracking_uri}")
-    # By version, not alias: the alias may move while this server runs; it keeps serving what it loaded.
-    # An adapter is merged into its base in memory: one adapter per server, so unmerged LoRA matmuls
-    # would only slow every token down.
     loaded = load_registered_model(f"models:/{name}/{version}", tracking_uri, merge_adapter=True)
-    return TextGenerator(loaded.model, loaded.tokenizer), {"name": name, "alias": alias, "version": version}
+    return TextGenerator(loaded.model, loaded.tokenizer)
+
+
+class AliasFollower:
+    """Serves ``NAME@ALIAS`` and follows the alias: after a promotion or rollback the new version is
+    loaded next to the one being served, then swapped in at once, so no request is dropped.
+
+    Args:
+        tracking_uri: Registry that resolves the alias.
+        reference: ``NAME@ALIAS``.
+        load: Loads one version (default :func:`load_version`); injectable for tests.
+
+    Raises:
+        ValueError: ``reference`` is not ``NAME@ALIAS``.
+        LookupError: the alias does not exist (yet).
+    """
+
+    def __init__(self, tracking_uri: str, reference: str,
+                 load: Callable[[str, str, str], TextGenerator] = load_version) -> None:
+        self.tracking_uri = tracking_uri
+        self.name, self.alias = parse_model_reference(reference)
+        self._load = load
+        version = self._version()
+        if version is None:
+            raise LookupError(f"registered model {self.name!r} has no alias {self.alias!r} in {tracking_uri}")
+        self._served = self._serve(version)
+        self._stop = threading.Event()
+
+    def _version(self) -> str | None:
+        from lora_pipeline.promotion import version_by_alias
+
+        return version_by_alias(self.tracking_uri, self.name, self.alias)
+
+    def _serve(self, version: str) -> Served:
+        generator = self._load(self.tracking_uri, self.name, version)
+        return Served(generator, {"name": self.name, "alias": self.alias, "version": version})
+
+    def current(self) -> Served:
+        return self._served
+
+    def refresh(self) -> bool:
+        """Serve the alias's version if it moved; True when a new version was swapped in."""
+        version = self._version()
+        if version is None or version == self._served.info["version"]:
+            return False  # a deleted alias keeps the last version serving rather than failing requests
+        previous = self._served.info["version"]
+        self._served = self._serve(version)  # loaded first: the old version answers meanwhile
+        logger.info("%s@%s moved: now serving version %s (was %s)", self.name, self.alias, version, previous)
+        return True
+
+    def follow(self, interval_seconds: float) -> threading.Thread:
+        """Check the alias every ``interval_seconds`` in a daemon thread until :meth:`stop`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_seconds):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - a registry hiccup must not stop serving what is loaded
+                    logger.exception("could not check %s@%s; still serving version %s", self.name, self.alias,
+                                     self._served.info["version"])
+
+        thread = threading.Thread(target=loop, name=f"follow-{self.name}@{self.alias}", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -68,7 +68,8 @@ def default_tracking_uri(output_dir: Path) -> str:
 
 
 def resolve_tracking_uri(cfg: MlflowConfig, output_dir: Path) -> str:
-    """The configured tracking URI, else :func:`default_tracking_uri`.
+    """The tracking URI, as MLflow users expect it: ``mlflow.tracking_uri`` (config or ``--set``) wins,
+    then ``MLFLOW_TRACKING_URI`` from the environment, then :func:`default_tracking_uri`.
 
     Args:
         cfg: The ``mlflow`` section of the pipeline config.
@@ -77,7 +78,12 @@ def resolve_tracking_uri(cfg: MlflowConfig, output_dir: Path) -> str:
     Returns:
         The URI to pass to every other function of this module.
     """
-    return cfg.tracking_uri or default_tracking_uri(output_dir)
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
+
+
+def registry_uri(tracking_uri: str) -> str:
+    """The model registry's URI: ``MLFLOW_REGISTRY_URI`` when set (MLflow's own setting), else the tracking store."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
 
 
 def mask_secrets(text: str) -> str:
@@ -126,7 +132,7 @@ def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def mlflow_client(tracking_uri: str) -> mlflow.MlflowClient:
-    """A client bound to ``tracking_uri`` for tracking *and* registry (ignores MLFLOW_REGISTRY_URI).
+    """A client bound to ``tracking_uri``, and to :func:`registry_uri` for the registry.
 
     Args:
         tracking_uri: Tracking store URI; for ``sqlite:///`` its directory is created.
@@ -134,11 +140,12 @@ def mlflow_client(tracking_uri: str) -> mlflow.MlflowClient:
     Returns:
         The client.
     """
-    # SQLite creates the database file but not its directory. The registry lives in the tracking
-    # store: the config has no separate registry URI.
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # SQLite creates the database file but not its directory.
+    registry = registry_uri(tracking_uri)
+    for uri in {tracking_uri, registry}:
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry)
 
 
 def _truncate(value: str, limit: int) -> str:
@@ -349,8 +356,9 @@ def fluent_tracking_uri(tracking_uri: str) -> Iterator[None]:
         saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         # Module globals (private): set_*_uri(None) would also wipe env vars the user set themselves.
         saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+        registry = registry_uri(tracking_uri)  # read before the env vars below are touched
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        mlflow.set_registry_uri(registry)
         try:
             yield
         finally:

@@ -20,7 +20,7 @@ from lora_pipeline.config import RegistryConfig
 from lora_pipeline.merge import relative_diff
 from lora_pipeline.loading import load_registered_model
 from lora_pipeline.registry import RegisteredVersion, find_version_by_run_key, register_model, resolve_base_dir
-from lora_pipeline.serving import build_app, load_registered_generator
+from lora_pipeline.serving import AliasFollower, build_app
 from tests.tiny_model import build_tiny_llama
 
 NAME = "tiny-adapter"
@@ -127,10 +127,10 @@ def test_loader_restores_the_whole_stop_set_with_or_without_merging(world, adapt
 
 def test_server_answers_from_the_adapter_version_and_stops_at_every_eos(world, adapter_version):
     _client(world).set_registered_model_alias(NAME, "champion", adapter_version.version)
-    generator, info = load_registered_generator(world["uri"], f"{NAME}@champion")
-    assert info == {"name": NAME, "alias": "champion", "version": adapter_version.version}
-    assert generator.eos_ids == set(world["eos"])
-    reply = TestClient(build_app(generator, f"{NAME}@champion")).post(
+    source = AliasFollower(world["uri"], f"{NAME}@champion")
+    assert source.current().info == {"name": NAME, "alias": "champion", "version": adapter_version.version}
+    assert source.current().generator.eos_ids == set(world["eos"])
+    reply = TestClient(build_app(source, f"{NAME}@champion")).post(
         "/v1/chat/completions", json={"messages": PROMPT, "max_tokens": 4}).json()
     # The first answer token is the second stop id: a server knowing only EOS would go on.
     assert reply["choices"][0]["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] == 1

@@ -7,7 +7,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from lora_pipeline.serving import TextGenerator, build_app, parse_model_reference
+from lora_pipeline.serving import FixedModel, TextGenerator, build_app, parse_model_reference
 
 
 class ScriptedModel(torch.nn.Module):
@@ -31,7 +31,7 @@ def tokenizer(tiny_model_dir):
 
 
 def _client(model, tokenizer) -> TestClient:
-    return TestClient(build_app(TextGenerator(model, tokenizer), "tiny@champion", {"version": "3"}))
+    return TestClient(build_app(FixedModel(TextGenerator(model, tokenizer), {"version": "3"}), "tiny@champion"))
 
 
 def test_chat_completion_applies_the_chat_template_and_stops_at_eos(tokenizer):
