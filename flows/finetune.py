@@ -11,7 +11,7 @@ from lora_pipeline.evaluate_stage import BASE, CANDIDATE, CHAMPION, FULL_PRECISI
 from lora_pipeline.gate import gate_candidate, resolve_task_metric
 from lora_pipeline.stages import registration_store
 from lora_pipeline.summary import RunSummary, final_metrics, lineage_tags, new_run_dir
-from lora_pipeline.tracking import code_version, mask_secrets
+from lora_pipeline.tracking import TrackingRun, code_version, mask_secrets
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
 from tasks.evaluate import compare_models, evaluate, evaluate_champion
@@ -59,34 +59,34 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
     flow_run_id = str(runtime.flow_run.id)
     run_dir = new_run_dir(cfg.output_dir, flow_run_id)
     summary = RunSummary(flow_run_id=flow_run_id, run_dir=str(run_dir))
-    tracking_info: dict[str, str] | None = None
+    mlflow_run: TrackingRun | None = None
     logger.info("run directory: %s", run_dir)
     try:
         with summary.stage("resolve_assets"):
             assets = resolve_assets(cfg)
             cfg = assets.config
-        tracking_info = open_tracking_run(cfg, str(run_dir), flow_run_id)
-        summary.results["mlflow_run_id"] = tracking_info["run_id"]
-        summary.results["mlflow_tracking_uri"] = mask_secrets(tracking_info["tracking_uri"])
+        mlflow_run = open_tracking_run(cfg, str(run_dir), flow_run_id)
+        summary.results["mlflow_run_id"] = mlflow_run.run_id
+        summary.results["mlflow_tracking_uri"] = mask_secrets(mlflow_run.tracking_uri)
         with summary.stage("validate_data"):
             try:
                 data = validate_data(cfg, str(run_dir))
                 summary.results["data"] = data
             finally:  # a failed validation is exactly when its report is needed in MLflow
-                log_data_report(tracking_info, str(run_dir / "data"))
+                log_data_report(mlflow_run, str(run_dir / "data"))
         with summary.stage("format_prompts"):
             formatted = format_prompts(cfg, data["clean_path"], str(run_dir))
         run_key = cfg.run_key(data["data_hash"], assets.base_fingerprint)
         summary.results["run_key"] = run_key
         with summary.stage("train_qlora"):
-            trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), run_key, tracking_info)
+            trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), run_key, mlflow_run)
             summary.results["train"] = trained["metrics"]
         with summary.stage("evaluate"):
             results = {BASE: evaluate(cfg, str(run_dir), BASE)}  # first: its answers may be the references
             if cfg.eval.full_precision_base and cfg.quant.quantizes:
                 results[FULL_PRECISION_BASE] = evaluate(cfg, str(run_dir), FULL_PRECISION_BASE)
             results[CANDIDATE] = evaluate(cfg, str(run_dir), CANDIDATE, trained["adapter_dir"])
-            champion = evaluate_champion(cfg, str(run_dir), tracking_info, run_key, assets.base_fingerprint)
+            champion = evaluate_champion(cfg, str(run_dir), mlflow_run, run_key, assets.base_fingerprint)
             summary.results["champion"] = {k: v for k, v in (champion or {}).items() if k != "metrics"}
             if champion and champion["metrics"]:
                 results[CHAMPION] = champion["metrics"]
@@ -114,16 +114,16 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
             base_fingerprint=assets.base_fingerprint, flow_run_id=flow_run_id, git_commit=code_version(),
             gate=summary.results["gate"], evaluations=results, store=store)
         with summary.stage("register"):
-            registered = register(cfg, merged_dir, trained["adapter_dir"], str(run_dir), tracking_info, run_key,
+            registered = register(cfg, merged_dir, trained["adapter_dir"], str(run_dir), mlflow_run, run_key,
                                   lineage, store)
             summary.results["registered_model"] = registered
         with summary.stage("apply_aliases"):
-            summary.results["registry"] = apply_aliases(cfg, tracking_info, registered["version"], decision.passed)
-        log_results(tracking_info, final_metrics(summary.results), {"gate_passed": str(decision.passed),
+            summary.results["registry"] = apply_aliases(cfg, mlflow_run, registered["version"], decision.passed)
+        log_results(mlflow_run, final_metrics(summary.results), {"gate_passed": str(decision.passed),
                     "gate_reasons": lineage["gate_reasons"]}, str(run_dir / "eval"))
         summary.status = "completed"
         return summary.to_dict()
     finally:
         summary.write(run_dir / "summary.json", summary_json)
-        if tracking_info is not None:
-            close_tracking_run(tracking_info, "FINISHED" if summary.status == "completed" else "FAILED")
+        if mlflow_run is not None:
+            close_tracking_run(mlflow_run, "FINISHED" if summary.status == "completed" else "FAILED")

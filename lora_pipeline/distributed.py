@@ -21,9 +21,12 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_pipeline.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from lora_pipeline.tracking import TrackingRun
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def launch_training(
     tokenized_path: Path,
     run_dir: Path,
     checkpoint_dir: Path,
-    tracking_info: dict[str, str] | None = None,
+    run: TrackingRun | None = None,
 ) -> dict[str, Any]:
     """Run training on ``cfg.train.num_processes`` local processes and return rank 0's result.
 
@@ -71,8 +74,8 @@ def launch_training(
         "--config-json", str(config_json), "--tokenized", str(tokenized_path), "--run-dir", str(run_dir),
         "--checkpoint-dir", str(checkpoint_dir), "--result-json", str(result_json),
     ]
-    if tracking_info:
-        command += ["--tracking-uri", tracking_info["tracking_uri"], "--run-id", tracking_info["run_id"]]
+    if run:
+        command += ["--tracking-uri", run.tracking_uri, "--run-id", run.run_id]
     log_path = run_dir / "distributed.log"
     logger.info("launching %d training processes (log: %s)", cfg.train.num_processes, log_path)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

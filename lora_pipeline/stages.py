@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_pipeline.base_model import base_fingerprint, convert_gguf, is_gguf_file, model_stop_ids
 from lora_pipeline.chat_templates import turn_markers
@@ -22,6 +22,9 @@ from lora_pipeline.merge import merge_adapter
 from lora_pipeline.modeling import load_tokenizer
 from lora_pipeline.suites import GENERAL_PROMPTS, GENERAL_TEXT, load_eval_suites, sample_prompts
 from lora_pipeline.training import LOSS_CURVE_FILENAME, train_qlora
+
+if TYPE_CHECKING:  # mlflow is imported by the stages that track, not by every stage
+    from lora_pipeline.tracking import TrackingRun
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +152,7 @@ def validate_data(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
 DATA_ARTIFACTS = ("report.json", "gx_validation_result.json", "quarantine.jsonl", "data_docs")
 
 
-def log_data_artifacts(tracking_info: dict[str, str], data_dir: Path) -> list[str]:
+def log_data_artifacts(run: TrackingRun, data_dir: Path) -> list[str]:
     """Log the data report, GX result, quarantine and Data Docs (those that exist) under ``data/``."""
     from lora_pipeline import tracking
 
@@ -158,7 +161,7 @@ def log_data_artifacts(tracking_info: dict[str, str], data_dir: Path) -> list[st
         path = data_dir / name
         if path.exists():
             artifact_path = "data/" + name if path.is_dir() else "data"
-            tracking.log_artifacts(tracking_info["tracking_uri"], tracking_info["run_id"], path, artifact_path)
+            tracking.log_artifacts(run.tracking_uri, run.run_id, path, artifact_path)
             logged.append(name)
     return logged
 
@@ -197,13 +200,13 @@ def apply_aliases(cfg: PipelineConfig, tracking_uri: str, version: str, gate_pas
 
 
 def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str,
-          tracking_info: dict[str, str] | None = None) -> dict[str, Any]:
+          run: TrackingRun | None = None) -> dict[str, Any]:
     """QLoRA-train the adapter; returns its directory and the training metrics.
 
     Checkpoints live in ``output_dir/checkpoints/<run_key>``: a Prefect retry, or a new run of the same
     config on the same data, resumes from the last intact one; any change of either starts afresh.
     ``train.num_processes > 1`` launches the ranks with torchrun (see :mod:`lora_pipeline.distributed`);
-    per-step metrics go to the MLflow run in ``tracking_info`` (from rank 0 only).
+    per-step metrics go to the MLflow ``run`` (from rank 0 only).
     """
     from contextlib import nullcontext
     from functools import partial
@@ -212,19 +215,18 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
     from lora_pipeline.distributed import launch_training
 
     checkpoint_dir = cfg.output_dir / "checkpoints" / run_key
-    monitor = tracking.system_metrics(tracking_info["tracking_uri"], tracking_info["run_id"],
-                                      cfg.mlflow.system_metrics_interval) if tracking_info else nullcontext()
+    monitor = tracking.system_metrics(run.tracking_uri, run.run_id, cfg.mlflow.system_metrics_interval) \
+        if run else nullcontext()
     with monitor:
         if cfg.train.num_processes > 1:
-            trained = launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, tracking_info)
+            trained = launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, run)
         else:
-            sink = partial(tracking.log_step_metrics, tracking_info["tracking_uri"], tracking_info["run_id"]) \
-                if tracking_info else None
+            sink = partial(tracking.log_step_metrics, run.tracking_uri, run.run_id) if run else None
             result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=sink, checkpoint_dir=checkpoint_dir)
             trained = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
     curve = run_dir / "train" / LOSS_CURVE_FILENAME
-    if tracking_info and curve.is_file():
-        tracking.log_artifacts(tracking_info["tracking_uri"], tracking_info["run_id"], curve, "train")
+    if run and curve.is_file():
+        tracking.log_artifacts(run.tracking_uri, run.run_id, curve, "train")
     return trained
 
 
@@ -239,7 +241,7 @@ def merge(cfg: PipelineConfig, adapter_dir: Path, run_dir: Path) -> dict[str, An
     return report.to_dict()
 
 
-def open_tracking(cfg: PipelineConfig, run_dir: Path, flow_run_id: str) -> dict[str, str]:
+def open_tracking(cfg: PipelineConfig, run_dir: Path, flow_run_id: str) -> TrackingRun:
     """Create this pipeline run's single MLflow run and log the flattened config (secrets masked)."""
     from lora_pipeline import tracking
 
@@ -249,7 +251,7 @@ def open_tracking(cfg: PipelineConfig, run_dir: Path, flow_run_id: str) -> dict[
         tags={"flow_run_id": flow_run_id, "config_hash": cfg.config_hash(), "run_dir": str(run_dir)},
     )
     tracking.log_params(uri, run_id, tracking.flatten_config(cfg.model_dump(mode="json")))
-    return {"tracking_uri": uri, "run_id": run_id}
+    return tracking.TrackingRun(tracking_uri=uri, run_id=run_id)
 
 
 def registration_store(registry: RegistryConfig, gate_passed: bool) -> str:
@@ -263,7 +265,7 @@ def register(
     merged_dir: Path | None,
     adapter_dir: Path,
     run_dir: Path,
-    tracking_info: dict[str, str],
+    run: TrackingRun,
     run_key: str,
     tags: dict[str, str],
     store: str,
@@ -280,8 +282,8 @@ def register(
     suites = load_eval_suites(cfg, run_dir)
     input_example = suites.task[0]["messages"][:-1] if suites.task else "Hello"
     version = registry.register_model(
-        tracking_uri=tracking_info["tracking_uri"],
-        run_id=tracking_info["run_id"],
+        tracking_uri=run.tracking_uri,
+        run_id=run.run_id,
         registry_cfg=cfg.registry,
         run_key=run_key,
         tags=tags,
@@ -294,7 +296,7 @@ def register(
         eos_token_ids=stop_ids(cfg, tokenizer),
     )
     if not version.created:
-        registry.set_version_tags(tracking_info["tracking_uri"], version.name, version.version,
+        registry.set_version_tags(run.tracking_uri, version.name, version.version,
                                   {key: tags[key] for key in ("gate_passed", "gate_reasons", "flow_run_id")})
     return {"name": version.name, "version": version.version, "model_uri": version.model_uri,
             "created": version.created}

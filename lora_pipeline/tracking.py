@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 import re
 import threading
 import time
@@ -65,6 +66,14 @@ def default_tracking_uri(output_dir: Path) -> str:
         ``sqlite:///<abs output_dir>/mlflow.db``.
     """
     return f"sqlite:///{(Path(output_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
+@dataclass(frozen=True)
+class TrackingRun:
+    """The pipeline run's single MLflow run: the store it lives in and its id (what tasks pass around)."""
+
+    tracking_uri: str
+    run_id: str
 
 
 def resolve_tracking_uri(cfg: MlflowConfig, output_dir: Path) -> str:

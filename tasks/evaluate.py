@@ -7,6 +7,7 @@ from prefect import task
 
 from lora_pipeline import evaluate_stage
 from lora_pipeline.config import PipelineConfig
+from lora_pipeline.tracking import TrackingRun
 
 
 @task(name="evaluate", task_run_name="evaluate-{label}")
@@ -16,10 +17,10 @@ def evaluate(cfg: PipelineConfig, run_dir: str, label: str, adapter_dir: str | N
 
 
 @task(name="evaluate_champion", retries=2, retry_delay_seconds=[5, 15])
-def evaluate_champion(cfg: PipelineConfig, run_dir: str, tracking_info: dict[str, str], run_key: str,
+def evaluate_champion(cfg: PipelineConfig, run_dir: str, run: TrackingRun, run_key: str,
                       base_fingerprint: str) -> dict[str, Any] | None:
     """Score the registry's current champion on this run's suites (None when there is none)."""
-    return evaluate_stage.evaluate_champion(cfg, Path(run_dir), tracking_info["tracking_uri"], run_key,
+    return evaluate_stage.evaluate_champion(cfg, Path(run_dir), run.tracking_uri, run_key,
                                             base_fingerprint)
 
 

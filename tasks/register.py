@@ -7,19 +7,20 @@ from prefect import task
 
 from lora_pipeline import stages
 from lora_pipeline.config import PipelineConfig
+from lora_pipeline.tracking import TrackingRun
 
 
 # Retried: the registry may be remote; registration is idempotent per run key, so a retry is safe.
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 15])
 def register(cfg: PipelineConfig, merged_dir: str | None, adapter_dir: str, run_dir: str,
-             tracking_info: dict[str, str], run_key: str, tags: dict[str, str], store: str) -> dict[str, Any]:
+             run: TrackingRun, run_key: str, tags: dict[str, str], store: str) -> dict[str, Any]:
     """Register this run's model; returns name, version, model URI and whether it was newly created."""
     return stages.register(cfg, Path(merged_dir) if merged_dir else None, Path(adapter_dir), Path(run_dir),
-                           tracking_info, run_key, tags, store)
+                           run, run_key, tags, store)
 
 
 # Retried: setting aliases is idempotent.
 @task(name="apply_aliases", retries=3, retry_delay_seconds=[2, 5, 15])
-def apply_aliases(cfg: PipelineConfig, tracking_info: dict[str, str], version: str, gate_passed: bool) -> dict[str, Any]:
+def apply_aliases(cfg: PipelineConfig, run: TrackingRun, version: str, gate_passed: bool) -> dict[str, Any]:
     """``candidate`` for a version that passed the gate, and ``champion`` too with ``registry.auto_promote``."""
-    return stages.apply_aliases(cfg, tracking_info["tracking_uri"], version, gate_passed)
+    return stages.apply_aliases(cfg, run.tracking_uri, version, gate_passed)

@@ -10,15 +10,16 @@ from lora_pipeline.config import PipelineConfig
 
 # Retried: a remote tracking server can be briefly unreachable.
 @task(name="open_tracking_run", retries=3, retry_delay_seconds=[2, 5, 15])
-def open_tracking_run(cfg: PipelineConfig, run_dir: str, flow_run_id: str) -> dict[str, str]:
-    """Create the run's MLflow run; returns its tracking URI and run id."""
+def open_tracking_run(cfg: PipelineConfig, run_dir: str, flow_run_id: str) -> tracking.TrackingRun:
+    """Create the run's MLflow run; returns where it lives and its id."""
     return stages.open_tracking(cfg, Path(run_dir), flow_run_id)
 
 
 @task(name="log_results", retries=3, retry_delay_seconds=[2, 5, 15])
-def log_results(tracking_info: dict[str, str], metrics: dict[str, float], tags: dict[str, str], artifacts_dir: str | None = None) -> None:
+def log_results(run: tracking.TrackingRun, metrics: dict[str, float], tags: dict[str, str],
+                artifacts_dir: str | None = None) -> None:
     """Log final metrics, tags and (optionally) a directory of small artefacts to the MLflow run."""
-    uri, run_id = tracking_info["tracking_uri"], tracking_info["run_id"]
+    uri, run_id = run.tracking_uri, run.run_id
     tracking.log_metrics(uri, run_id, metrics)
     tracking.set_tags(uri, run_id, tags)
     if artifacts_dir:
@@ -26,12 +27,12 @@ def log_results(tracking_info: dict[str, str], metrics: dict[str, float], tags: 
 
 
 @task(name="log_data_report", retries=3, retry_delay_seconds=[2, 5, 15])
-def log_data_report(tracking_info: dict[str, str], data_dir: str) -> list[str]:
+def log_data_report(run: tracking.TrackingRun, data_dir: str) -> list[str]:
     """Log the data stage's report, GX result, quarantine and Data Docs to the MLflow run."""
-    return stages.log_data_artifacts(tracking_info, Path(data_dir))
+    return stages.log_data_artifacts(run, Path(data_dir))
 
 
 @task(name="close_tracking_run", retries=3, retry_delay_seconds=[2, 5, 15])
-def close_tracking_run(tracking_info: dict[str, str], status: str) -> None:
+def close_tracking_run(run: tracking.TrackingRun, status: str) -> None:
     """Mark the MLflow run FINISHED or FAILED."""
-    tracking.end_run(tracking_info["tracking_uri"], tracking_info["run_id"], status)
+    tracking.end_run(run.tracking_uri, run.run_id, status)

@@ -7,11 +7,12 @@ from prefect import task
 
 from lora_pipeline import stages
 from lora_pipeline.config import PipelineConfig
+from lora_pipeline.tracking import TrackingRun
 
 
 # One retry: training resumes from the run key's last intact checkpoint instead of starting over.
 @task(name="train_qlora", retries=1, retry_delay_seconds=10)
 def train_qlora(cfg: PipelineConfig, tokenized_path: str, run_dir: str, run_key: str,
-                tracking_info: dict[str, str]) -> dict[str, Any]:
+                run: TrackingRun) -> dict[str, Any]:
     """Train the LoRA adapter (on ``train.num_processes`` processes); returns its directory and metrics."""
-    return stages.train(cfg, Path(tokenized_path), Path(run_dir), run_key, tracking_info)
+    return stages.train(cfg, Path(tokenized_path), Path(run_dir), run_key, run)

@@ -28,7 +28,7 @@ def two_process_run(tiny_model_dir, tiny_rows_path, tmp_path_factory):
     format_dataset(load_tokenizer(cfg.model), tiny_rows_path, tokenized, cfg.data.max_length)
     uri = tracking.resolve_tracking_uri(cfg.mlflow, cfg.output_dir)
     run_id = tracking.start_pipeline_run(uri, "ddp-test", root / "mlartifacts", run_name="r1", tags={})
-    info = {"tracking_uri": uri, "run_id": run_id}
+    info = tracking.TrackingRun(tracking_uri=uri, run_id=run_id)
     result = stages.train(cfg, tokenized, run_dir, "key1", info)
     return cfg, root, run_dir, result, info
 
@@ -47,11 +47,11 @@ def test_one_checkpoint_set_and_one_mlflow_run(two_process_run):
     _, root, _, _, info = two_process_run
     checkpoints = root / "checkpoints" / "key1"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-6"]
-    client = MlflowClient(info["tracking_uri"])
+    client = MlflowClient(info.tracking_uri)
     experiment = client.get_experiment_by_name("ddp-test")
     runs = client.search_runs([experiment.experiment_id])
-    assert [run.info.run_id for run in runs] == [info["run_id"]]
-    losses = client.get_metric_history(info["run_id"], "train/loss")
+    assert [run.info.run_id for run in runs] == [info.run_id]
+    losses = client.get_metric_history(info.run_id, "train/loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4, 5, 6]  # each step logged once: by rank 0 only
 
 
