@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-quick smollm2 clean bench-data bench-train
+.PHONY: setup demo test test-quick smollm2 up down clean bench-data bench-train
 
 setup: $(STAMP)
 
@@ -36,6 +36,16 @@ bench-data: setup
 
 bench-train: setup
 	$(BIN)/python -m benchmarks.training --out outputs/benchmarks
+
+# The operations stack on loopback: Prefect server + worker + MLflow server (infra/stack.py). PostgreSQL when
+# POSTGRES_URL (or $$LORA_PIPELINE_POSTGRES_URL) names a server, e.g. postgresql://root@127.0.0.1:5432; else SQLite.
+POSTGRES_URL ?= $(LORA_PIPELINE_POSTGRES_URL)
+STACK_ARGS ?=
+up: setup
+	$(BIN)/python infra/stack.py up $(if $(POSTGRES_URL),--postgres $(POSTGRES_URL)) $(STACK_ARGS)
+
+down:
+	$(BIN)/python infra/stack.py down $(if $(POSTGRES_URL),--postgres $(POSTGRES_URL)) $(STACK_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from prefect import flow, get_run_logger, runtime
 
-from lora_pipeline.config import load_config
+from lora_pipeline.run_request import SUMMARY_JSON_ENV, RunOverrides, load_run_config
 from lora_pipeline.evaluate_stage import BASE, CANDIDATE, CHAMPION, FULL_PRECISION_BASE, describe_suites
 from lora_pipeline.gate import gate_candidate, resolve_task_metric
 from lora_pipeline.stages import registration_store
@@ -22,7 +23,7 @@ from tasks.train import train_qlora
 
 
 @flow(name="finetune")
-def finetune(config_path: str | None = None, overrides: list[str] | None = None, summary_json: str | None = None) -> dict:
+def finetune(config_path: str | None = None, overrides: RunOverrides | None = None) -> dict:
     """Validate, format, QLoRA-train, evaluate, gate, merge and register one model.
 
     Steps:
@@ -46,16 +47,18 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
                              registry.auto_promote; the old champion becomes `previous`)
 
     Args:
-        config_path: YAML config; None uses the embedded defaults (the offline demo).
-        overrides: ``a.b=c`` strings applied on top of the file.
-        summary_json: also write the run summary to this path.
+        config_path: YAML config under the worker's config roots (the repository's ``configs/``);
+            None uses the embedded defaults (the offline demo).
+        overrides: The few settings a run form may change (data path, steps, learning rate, LoRA rank,
+            model name); the rest comes from the config file and the worker's environment
+            (:mod:`lora_pipeline.run_request`).
     """
     logger = get_run_logger()
     # Library progress (demo-world build, training steps) is INFO; Prefect forwards the logger via
     # PREFECT_LOGGING_EXTRA_LOGGERS but leaves its level at the root's WARNING.
     if logging.getLogger("lora_pipeline").level == logging.NOTSET:
         logging.getLogger("lora_pipeline").setLevel(logging.INFO)
-    cfg = load_config(config_path, overrides or [])
+    cfg = load_run_config(config_path, overrides)
     flow_run_id = str(runtime.flow_run.id)
     run_dir = new_run_dir(cfg.output_dir, flow_run_id)
     summary = RunSummary(flow_run_id=flow_run_id, run_dir=str(run_dir))
@@ -124,6 +127,6 @@ def finetune(config_path: str | None = None, overrides: list[str] | None = None,
         summary.status = "completed"
         return summary.to_dict()
     finally:
-        summary.write(run_dir / "summary.json", summary_json)
+        summary.write(run_dir / "summary.json", os.environ.get(SUMMARY_JSON_ENV))
         if mlflow_run is not None:
             close_tracking_run(mlflow_run, "FINISHED" if summary.status == "completed" else "FAILED")

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the alias this often and swap to a newly promoted version without dropping "
                        "requests (0: keep serving the version loaded at start)")
     _add_config_args(serve)
+    deploy = commands.add_parser(
+        "deploy", help="register the deployments of prefect.yaml with the Prefect API (wraps `prefect deploy`)")
+    deploy.add_argument("--name", action="append", default=[], metavar="DEPLOYMENT",
+                        help="only this deployment (repeatable; default: all of them)")
     return parser
 
 
@@ -136,6 +140,28 @@ def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     return 0
 
 
+#: The repository root: prefect.yaml and the flows' entrypoints are relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def deploy_command(names: list[str]) -> list[str]:
+    """The ``prefect deploy`` command for the deployments of ``prefect.yaml`` (all, or those named)."""
+    selection = [arg for name in names for arg in ("--name", name)] or ["--all"]
+    return [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(REPO_ROOT / "prefect.yaml"),
+            *selection]
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    """Run ``prefect deploy`` from the repository root against ``PREFECT_API_URL``; its exit code."""
+    import subprocess
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print("error: PREFECT_API_URL is not set: start a Prefect server (make up) and export its URL",
+              file=sys.stderr)
+        return 2
+    return subprocess.run(deploy_command(args.name), cwd=REPO_ROOT, check=False).returncode
+
+
 def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     problems = missing_inputs(cfg)
     if problems:
@@ -153,10 +179,12 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         return 2
     from flows.finetune import finetune  # imported late: Prefect reads the environment at import
 
-    summary_path = str(args.summary_json.resolve()) if args.summary_json else None
+    from lora_pipeline.run_request import as_worker
+
     config_path = str(args.config.resolve()) if args.config else None
-    try:
-        summary = finetune(config_path=config_path, overrides=args.overrides, summary_json=summary_path)
+    try:  # this process is the flow run's worker: its --config, --set and --summary-json are trusted
+        with as_worker(config_path, args.overrides, args.summary_json):
+            summary = finetune(config_path=config_path)
     except Exception as exc:  # the flow already recorded the failed stage in its summary
         print(f"error: pipeline failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -211,6 +239,8 @@ def _validate_data(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lora-pipeline`` console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "deploy":
+        return _deploy(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -46,11 +46,13 @@ def set_candidate(tracking_uri: str, name: str, version: str) -> None:
     mlflow_client(tracking_uri).set_registered_model_alias(name, CANDIDATE_ALIAS, version)
 
 
-def promote(tracking_uri: str, name: str, version: str, *, force: bool = False) -> dict[str, str | None]:
+def promote(tracking_uri: str, name: str, version: str, *, force: bool = False, reason: str | None = None,
+            by: str | None = None) -> dict[str, str | None]:
     """Move ``champion`` to ``version``; the old champion becomes ``previous`` (one-command rollback).
 
     Promoting the current champion again changes nothing. A version whose gate failed (tag
-    ``gate_passed`` = ``False``) is only promoted with ``force``.
+    ``gate_passed`` = ``False``) is only promoted with ``force``. ``reason`` and ``by`` are recorded on
+    the version (tags ``promotion_reason``, ``promoted_by``).
 
     Returns:
         ``{"champion": version, "previous": old champion or None}``.
@@ -66,6 +68,9 @@ def promote(tracking_uri: str, name: str, version: str, *, force: bool = False) 
     if model_version.tags.get("gate_passed") == "False" and not force:
         raise PromotionError(f"{name} version {version} failed the gate ({model_version.tags.get('gate_reasons', '')}); "
                              "promote it anyway with force (CLI: --force)")
+    for key, value in (("promotion_reason", reason), ("promoted_by", by)):
+        if value:
+            client.set_model_version_tag(name, version, key, value)
     current = version_by_alias(tracking_uri, name, CHAMPION_ALIAS)
     if current == str(version):
         return {"champion": str(version), "previous": version_by_alias(tracking_uri, name, PREVIOUS_ALIAS)}

@@ -168,10 +168,16 @@ def _log_batched(tracking_uri: str, run_id: str, kind: str, items: list[Any], si
         client.log_batch(run_id, **{kind: items[start : start + size]})
 
 
-def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: Path) -> str:
-    """Get or create the experiment; a new one stores artifacts under ``artifact_root``.
+def is_tracking_server(tracking_uri: str) -> bool:
+    """True for a remote MLflow server (``http(s)://``, ``databricks``), False for a local store (SQLite, files)."""
+    return tracking_uri.startswith(("http://", "https://", "databricks"))
 
-    Explicit because MLflow's default artifact location (SQLite store) is ``./mlruns`` in the CWD.
+
+def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: Path) -> str:
+    """Get or create the experiment; with a local store, a new one stores artifacts under ``artifact_root``.
+
+    Explicit because MLflow's default artifact location (SQLite store) is ``./mlruns`` in the CWD. A
+    tracking server's own artifact location is kept.
 
     Args:
         tracking_uri: Tracking store URI.
@@ -185,7 +191,9 @@ def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: Pa
         MlflowException: the store is unreachable or refuses the experiment.
     """
     client = mlflow_client(tracking_uri)
-    location = Path(artifact_root).expanduser().resolve().as_uri()
+    # A tracking *server* keeps artifacts where it serves them from (--serve-artifacts, S3, ...): a path
+    # on this machine would be wrong on every other one. Only a local store gets a local directory.
+    location = None if is_tracking_server(tracking_uri) else Path(artifact_root).expanduser().resolve().as_uri()
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         try:
@@ -197,7 +205,7 @@ def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: Pa
                 raise
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
-    if experiment.artifact_location != location:
+    if location is not None and experiment.artifact_location != location:
         logger.warning("experiment %r keeps its artifact location %s (asked for %s)",
                        experiment_name, mask_secrets(experiment.artifact_location), location)
     return experiment.experiment_id

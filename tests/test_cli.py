@@ -167,3 +167,20 @@ def test_run_names_a_model_that_cannot_be_loaded_in_one_line(tmp_path, capsys):
                  "--set", f"output_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"model.name_or_path={not_a_model}" in err
+
+
+def test_deploy_wraps_prefect_deploy_on_the_projects_prefect_yaml(monkeypatch, capsys):
+    import subprocess
+
+    from lora_pipeline.cli import REPO_ROOT, deploy_command
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["deploy"]) == 2 and "PREFECT_API_URL is not set" in capsys.readouterr().err
+    launched = []
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: launched.append((command, kw))
+                        or subprocess.CompletedProcess(command, 0))
+    assert main(["deploy", "--name", "finetune"]) == 0
+    (command, options), = launched
+    assert command[-5:] == ["deploy", "--prefect-file", str(REPO_ROOT / "prefect.yaml"), "--name", "finetune"]
+    assert options["cwd"] == REPO_ROOT and deploy_command([])[-1] == "--all"

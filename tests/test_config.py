@@ -124,3 +124,24 @@ def test_regression_suites_take_the_short_names_too():
     cfg = load_config(None, ["eval.regression_qa=base_answers", "eval.regression_text=null"])
     assert (cfg.eval.regression_qa_path, cfg.eval.regression_text_path) == ("base_answers", None)
     assert load_config(None).eval.regression_qa_path == "auto"  # the demo's suite for the demo, else base_answers
+
+
+def test_run_overrides_are_typed_and_refuse_what_names_a_place_or_code():
+    from lora_pipeline.run_request import RunOverrides, load_run_config
+
+    allowed = RunOverrides(train_max_steps=50, train_learning_rate=1e-4, lora_r=4, data_path="rows.jsonl",
+                           registry_model_name="m")
+    assert allowed.as_overrides() == ['data.path="rows.jsonl"', "train.max_steps=50", "train.learning_rate=0.0001",
+                                      "lora.r=4", 'registry.model_name="m"']
+    cfg = load_run_config("configs/demo.yaml", allowed, environ={})
+    assert (cfg.train.max_steps, cfg.lora.r, cfg.data.path, cfg.registry.model_name) == (50, 4, "rows.jsonl", "m")
+    with pytest.raises(ValueError, match="a run cannot set model_trust_remote_code: a run form may change only"):
+        RunOverrides.model_validate({"model_trust_remote_code": True})
+    with pytest.raises(ValueError, match="greater than 0"):
+        RunOverrides(train_max_steps=0)
+    with pytest.raises(ConfigError, match="a run may only read config files under"):
+        load_run_config("/etc/hostname", None, environ={})
+    # The worker's environment is trusted: its overrides apply first, then the run's.
+    worker = {"LORA_PIPELINE_OVERRIDES": '["train.max_steps=70", "lora.r=2"]'}
+    cfg = load_run_config("configs/demo.yaml", RunOverrides(lora_r=8), environ=worker)
+    assert (cfg.train.max_steps, cfg.lora.r) == (70, 8)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lora_pipeline.loading import load_text_generation
+from lora_pipeline.run_request import as_worker
 from tests.conftest import chat_rows
 
 STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register",
@@ -22,6 +23,14 @@ def prefect_api(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def run_flow(config: Path, *overrides: str, summary_json: Path | None = None) -> dict:
+    """The flow as `lora-pipeline run` runs it: this process is the worker, its overrides are trusted."""
+    from flows.finetune import finetune  # imported late: Prefect reads the environment at import
+
+    with as_worker(config, overrides, summary_json):
+        return finetune(config_path=str(config))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -56,11 +65,9 @@ def small_config(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path, monkeypatch):
-    from flows.finetune import finetune
-
     monkeypatch.chdir(tmp_path)  # nothing may be written relative to the working directory
     summary_path = tmp_path / "summary.json"
-    result = finetune(config_path=str(small_config), summary_json=str(summary_path))
+    result = run_flow(small_config, summary_json=summary_path)
     summary = json.loads(summary_path.read_text())
     assert summary == json.loads(json.dumps(result, default=str))
     assert [s["name"] for s in summary["stages"]] == STAGES
@@ -110,11 +117,9 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
 
 def test_next_run_is_gated_against_the_champion_and_promoted(prefect_api, small_config, tmp_path, monkeypatch):
     """A second training (other seed: another run key) is compared with champion version 1."""
-    from flows.finetune import finetune
-
     monkeypatch.chdir(tmp_path)
     # Full tolerance: the tiny model's scores are noise, this test is about the wiring.
-    summary = finetune(config_path=str(small_config), overrides=["train.seed=1", "gate.champion_tolerance=1.0"])
+    summary = run_flow(small_config, "train.seed=1", "gate.champion_tolerance=1.0")
     assert summary["champion"]["version"] == "1"
     champion = summary["eval"]["champion"]
     assert set(champion) == set(summary["eval"]["candidate"])
@@ -129,13 +134,11 @@ def test_next_run_is_gated_against_the_champion_and_promoted(prefect_api, small_
 
 
 def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_path):
-    from flows.finetune import finetune
-
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\nnot json\n' * 20)
     summary_path = tmp_path / "summary.json"
     with pytest.raises(Exception, match="data validation failed"):
-        finetune(config_path=str(small_config), overrides=[f"data.path={bad}"], summary_json=str(summary_path))
+        run_flow(small_config, f"data.path={bad}", summary_json=summary_path)
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "failed"
     assert [(s["name"], s["status"]) for s in summary["stages"]][-1] == ("validate_data", "failed")
@@ -152,11 +155,10 @@ def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_p
 
 def test_a_failed_gate_registers_the_adapter_and_a_base_reference_without_merging(prefect_api, small_config, tmp_path,
                                                                                  monkeypatch):
-    from flows.finetune import finetune
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    summary = finetune(config_path=str(small_config), overrides=["train.seed=2", "gate.min_task_gain=2.0"])
+    summary = run_flow(small_config, "train.seed=2", "gate.min_task_gain=2.0")
     assert summary["gate"]["passed"] is False
     stages = {s["name"]: s["status"] for s in summary["stages"]}
     assert stages["merge"] == "skipped" and not (Path(summary["run_dir"]) / "merged").exists()
@@ -172,13 +174,12 @@ def test_a_failed_gate_registers_the_adapter_and_a_base_reference_without_mergin
 def test_changing_only_the_gate_reuses_the_trained_adapter_and_its_version(prefect_api, small_config, tmp_path,
                                                                           monkeypatch):
     """The run key covers what changes the adapter: a new gate, eval or registry setting trains nothing again."""
-    from flows.finetune import finetune
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    failed = finetune(config_path=str(small_config), overrides=["train.seed=2", "gate.min_task_gain=2.0"])
-    summary = finetune(config_path=str(small_config), overrides=[
-        "train.seed=2", "gate.min_task_gain=-1.0", "gate.champion_tolerance=1.0", "eval.max_new_tokens=8"])
+    failed = run_flow(small_config, "train.seed=2", "gate.min_task_gain=2.0")
+    summary = run_flow(small_config, "train.seed=2", "gate.min_task_gain=-1.0", "gate.champion_tolerance=1.0",
+                       "eval.max_new_tokens=8")
     assert summary["run_key"] == failed["run_key"]
     assert summary["train"]["resumed_from_step"] == summary["train"]["global_step"]  # nothing trained again
     assert summary["registered_model"]["version"] == failed["registered_model"]["version"]
@@ -186,25 +187,23 @@ def test_changing_only_the_gate_reuses_the_trained_adapter_and_its_version(prefe
     tags = MlflowClient(summary["mlflow_tracking_uri"]).get_model_version(
         "e2e-tiny", summary["registered_model"]["version"]).tags
     assert tags["gate_passed"] == "True" and tags["flow_run_id"] == summary["flow_run_id"]  # how it was last judged
-    changed = finetune(config_path=str(small_config), overrides=["train.seed=2", "lora.r=8", "gate.min_task_gain=-1.0",
-                                                                 "gate.champion_tolerance=1.0"])
+    changed = run_flow(small_config, "train.seed=2", "lora.r=8", "gate.min_task_gain=-1.0",
+                       "gate.champion_tolerance=1.0")
     assert changed["run_key"] != summary["run_key"]
 
 
 def test_text_data_trains_without_a_template_and_gates_on_held_out_perplexity(prefect_api, small_config, tmp_path,
                                                                              monkeypatch):
     """data.format=text (continued pre-training): the task suite is the held-out texts' perplexity."""
-    from flows.finetune import finetune
-
     from tests.conftest import ANIMALS, COLOURS
 
     monkeypatch.chdir(tmp_path)
     texts = [{"text": f"the {c} {a} sees the {c2} {a2}"} for c in COLOURS for a in ANIMALS for c2, a2 in
              zip(COLOURS[:2], ANIMALS[1:3], strict=True)]
     source = Path(_write_jsonl(tmp_path / "texts.jsonl", texts))
-    summary = finetune(config_path=str(small_config), overrides=[
-        f"data.path={source}", "data.format=text", "data.eval_path=null", "data.eval_fraction=0.2",
-        "train.learning_rate=1e-2", "registry.model_name=e2e-text", "gate.min_task_gain=0.05"])
+    summary = run_flow(small_config, f"data.path={source}", "data.format=text", "data.eval_path=null",
+                       "data.eval_fraction=0.2", "train.learning_rate=1e-2", "registry.model_name=e2e-text",
+                       "gate.min_task_gain=0.05")
     assert summary["status"] == "completed"
     assert 0 < summary["data"]["n_held_out"] < len(texts)
     base, candidate = summary["eval"]["base"], summary["eval"]["candidate"]
@@ -212,3 +211,49 @@ def test_text_data_trains_without_a_template_and_gates_on_held_out_perplexity(pr
     assert candidate["task_perplexity"] < base["task_perplexity"]  # it learned the held-out texts' language
     assert summary["gate"]["reasons"][0].startswith("PASS: task gain (perplexity)")
     assert summary["gate"]["passed"] is True and summary["registered_model"]["version"] == "1"
+
+
+def test_a_run_form_can_change_only_the_allowed_settings(prefect_api, small_config, tmp_path, monkeypatch):
+    """What a Prefect UI or API run may set: typed, validated, and never a place to write or code to run."""
+    from flows.finetune import finetune
+    from prefect.exceptions import ParameterTypeError
+
+    from lora_pipeline.run_request import CONFIG_ROOTS_ENV, RunOverrides
+
+    monkeypatch.chdir(tmp_path)
+    for refused in ({"model_trust_remote_code": True}, {"output_dir": "/tmp/x"},
+                    {"mlflow_tracking_uri": "http://evil"}, {"summary_json": "/etc/passwd"}):
+        with pytest.raises((ParameterTypeError, ValueError), match="a run cannot set"):
+            finetune(config_path=str(small_config), overrides=refused)
+    # A config file outside the worker's config roots is refused before anything runs.
+    monkeypatch.delenv(CONFIG_ROOTS_ENV, raising=False)
+    with pytest.raises(Exception, match="a run may only read config files under"):
+        finetune(config_path=str(small_config), overrides=RunOverrides(train_max_steps=2))
+    # Allowed: typed settings on a config the worker lets runs read.
+    monkeypatch.setenv(CONFIG_ROOTS_ENV, str(small_config.parent))
+    summary = finetune(config_path=str(small_config), overrides={"train_max_steps": 3, "registry_model_name": "e2e-form",
+                                                                   "lora_r": 2})
+    assert summary["train"]["global_step"] == 3 and summary["registered_model"]["name"] == "e2e-form"
+
+
+def test_the_promote_flow_moves_the_champion_and_records_who_and_why(prefect_api, small_config):
+    """Runs after the flows above (versions 1 and 2 of e2e-tiny exist)."""
+    from flows.promote import promote
+    from mlflow import MlflowClient
+
+    from lora_pipeline.promotion import PromotionError, version_by_alias
+    from lora_pipeline.registry import set_version_tags
+
+    uri = f"sqlite:///{small_config.parent / 'outputs' / 'mlflow.db'}"
+    champion = version_by_alias(uri, "e2e-tiny", "champion")
+    with as_worker(small_config):  # the worker may read the config that names the registry
+        result = promote(model_name="e2e-tiny", version="1", reason="back to the first candidate",
+                         config_path=str(small_config))
+        assert result == {"champion": "1", "previous": None if champion == "1" else champion}
+        set_version_tags(uri, "e2e-tiny", "2", {"gate_passed": "False", "gate_reasons": "FAIL: task gain"})
+        with pytest.raises(PromotionError, match="failed the gate"):
+            promote(model_name="e2e-tiny", version="2", reason="no", config_path=str(small_config))
+        assert promote(model_name="e2e-tiny", version="2", reason="forced", force=True,
+                       config_path=str(small_config))["champion"] == "2"
+    tags = MlflowClient(uri, registry_uri=uri).get_model_version("e2e-tiny", "1").tags
+    assert tags["promotion_reason"] == "back to the first candidate" and tags["promoted_by"].startswith("flow run ")

@@ -1,0 +1,19 @@
+"""Registry tasks outside a training run: promotion."""
+
+from typing import Any
+
+from prefect import task
+
+from lora_pipeline import promotion
+from lora_pipeline.run_request import load_run_config
+from lora_pipeline.tracking import resolve_tracking_uri
+
+
+# Retried: the registry may be remote, and promoting the current champion again changes nothing.
+@task(name="promote_version", retries=3, retry_delay_seconds=[2, 5, 15], timeout_seconds=120)
+def promote_version(model_name: str, version: str, reason: str, force: bool, config_path: str | None,
+                    by: str) -> dict[str, Any]:
+    """Move ``champion`` to ``version`` and record who promoted it and why."""
+    cfg = load_run_config(config_path, None)
+    return promotion.promote(resolve_tracking_uri(cfg.mlflow, cfg.output_dir), model_name, version, force=force,
+                             reason=reason, by=by)
