@@ -11,7 +11,7 @@ from lora_pipeline.run_request import SUMMARY_JSON_ENV, RunOverrides, load_run_c
 from lora_pipeline.evaluate_stage import BASE, CANDIDATE, CHAMPION, FULL_PRECISION_BASE, describe_suites
 from lora_pipeline.gate import gate_candidate, resolve_task_metric
 from lora_pipeline.stages import registration_store
-from lora_pipeline.summary import RunSummary, final_metrics, lineage_tags, new_run_dir
+from lora_pipeline.summary import RunSummary, final_metrics, lineage_tags, run_dir_for
 from lora_pipeline.tracking import TrackingRun, code_version, mask_secrets
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
@@ -60,7 +60,8 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
         logging.getLogger("lora_pipeline").setLevel(logging.INFO)
     cfg = load_run_config(config_path, overrides)
     flow_run_id = str(runtime.flow_run.id)
-    run_dir = new_run_dir(cfg.output_dir, flow_run_id)
+    # Stable across retries of this flow run: finished stages come back from cache with their outputs.
+    run_dir = run_dir_for(cfg.output_dir, flow_run_id, runtime.flow_run.scheduled_start_time)
     summary = RunSummary(flow_run_id=flow_run_id, run_dir=str(run_dir))
     mlflow_run: TrackingRun | None = None
     logger.info("run directory: %s", run_dir)

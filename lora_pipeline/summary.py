@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 
-def new_run_dir(output_dir: Path, flow_run_id: str) -> Path:
-    """A fresh directory for one pipeline run: ``<output_dir>/runs/<UTC time>-<flow run id prefix>``."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+def run_dir_for(output_dir: Path, flow_run_id: str, started: datetime) -> Path:
+    """The directory of one flow run: ``<output_dir>/runs/<UTC start>-<flow run id prefix>``.
+
+    A retry of the flow run (same id and scheduled start) gets the same directory back, so the stages it
+    takes from cache find their outputs where they left them; another flow run never shares it.
+    """
+    stamp = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = output_dir / "runs" / f"{stamp}-{flow_run_id[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 

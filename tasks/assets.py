@@ -4,10 +4,11 @@ from prefect import task
 
 from lora_pipeline import stages
 from lora_pipeline.config import PipelineConfig
+from tasks.policy import CACHED, HOUR, TRANSIENT_RETRIES
 
 
-# Retried: a hub download of a real base model can fail transiently.
-@task(name="resolve_assets", retries=2, retry_delay_seconds=[5, 15])
+# Retried: a hub download of a real base model can fail transiently. Hours: a download or a GGUF conversion.
+@task(name="resolve_assets", timeout_seconds=2 * HOUR, **TRANSIENT_RETRIES, **CACHED)
 def resolve_assets(cfg: PipelineConfig) -> stages.ResolvedAssets:
     """Return the config with every input made concrete, and the base weights' fingerprint."""
     return stages.resolve_assets(cfg)

@@ -8,15 +8,16 @@ from prefect import task
 from lora_pipeline import evaluate_stage
 from lora_pipeline.config import PipelineConfig
 from lora_pipeline.tracking import TrackingRun
+from tasks.policy import CACHED, HOUR, MINUTE, TRANSIENT_RETRIES
 
 
-@task(name="evaluate", task_run_name="evaluate-{label}")
+@task(name="evaluate", task_run_name="evaluate-{label}", timeout_seconds=6 * HOUR, **CACHED)
 def evaluate(cfg: PipelineConfig, run_dir: str, label: str, adapter_dir: str | None = None) -> dict[str, float]:
     """Task and regression metrics of the quantised base, the full-precision base or the candidate."""
     return evaluate_stage.evaluate(cfg, Path(run_dir), label, Path(adapter_dir) if adapter_dir else None)
 
 
-@task(name="evaluate_champion", retries=2, retry_delay_seconds=[5, 15])
+@task(name="evaluate_champion", timeout_seconds=6 * HOUR, **TRANSIENT_RETRIES, **CACHED)
 def evaluate_champion(cfg: PipelineConfig, run_dir: str, run: TrackingRun, run_key: str,
                       base_fingerprint: str) -> dict[str, Any] | None:
     """Score the registry's current champion on this run's suites (None when there is none)."""
@@ -24,7 +25,7 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: str, run: TrackingRun, run_k
                                             base_fingerprint)
 
 
-@task(name="compare_models")
+@task(name="compare_models", timeout_seconds=10 * MINUTE, **CACHED)
 def compare_models(run_dir: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
     """JSON table and PNG bar chart of every scored model, and the quantisation cost, under ``run_dir/eval``."""
     return evaluate_stage.compare_models(Path(run_dir), results)

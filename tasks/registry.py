@@ -7,10 +7,11 @@ from prefect import task
 from lora_pipeline import promotion
 from lora_pipeline.run_request import load_run_config
 from lora_pipeline.tracking import resolve_tracking_uri
+from tasks.policy import MINUTE, TRANSIENT_RETRIES
 
 
 # Retried: the registry may be remote, and promoting the current champion again changes nothing.
-@task(name="promote_version", retries=3, retry_delay_seconds=[2, 5, 15], timeout_seconds=120)
+@task(name="promote_version", timeout_seconds=10 * MINUTE, **TRANSIENT_RETRIES)
 def promote_version(model_name: str, version: str, reason: str, force: bool, config_path: str | None,
                     by: str) -> dict[str, Any]:
     """Move ``champion`` to ``version`` and record who promoted it and why."""

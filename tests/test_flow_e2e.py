@@ -257,3 +257,80 @@ def test_the_promote_flow_moves_the_champion_and_records_who_and_why(prefect_api
                        config_path=str(small_config))["champion"] == "2"
     tags = MlflowClient(uri, registry_uri=uri).get_model_version("e2e-tiny", "1").tags
     assert tags["promotion_reason"] == "back to the first candidate" and tags["promoted_by"].startswith("flow run ")
+
+
+def test_a_flow_retry_takes_finished_stages_from_cache_and_runs_only_what_failed(prefect_api, small_config,
+                                                                                 monkeypatch):
+    """`register` fails once (a permanent error: no task retry), the flow run is retried: every stage that had
+    finished comes back Cached, its side effects are not repeated, only registration runs again."""
+    from collections import Counter
+
+    from flows.finetune import finetune
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from lora_pipeline import evaluate_stage, stages
+
+    calls: Counter[str] = Counter()
+
+    def counted(module, name, fail_first=False):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            if fail_first and calls[name] == 1:
+                raise RuntimeError("the registry refused the version (permanent)")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for name in ("validate_data", "format_prompts", "train", "merge"):
+        counted(stages, name)
+    counted(evaluate_stage, "evaluate")
+    counted(stages, "register", fail_first=True)
+    with as_worker(small_config, ["train.seed=5", "registry.model_name=e2e-retry"]):
+        summary = finetune.with_options(retries=1, retry_delay_seconds=0)(config_path=str(small_config))
+    assert summary["status"] == "completed" and summary["registered_model"]["created"] is True
+    assert calls == {"validate_data": 1, "format_prompts": 1, "train": 1, "evaluate": 3, "merge": 1, "register": 2}
+
+    async def task_runs():
+        async with get_client() as client:
+            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[summary["flow_run_id"]]))
+            return await client.read_task_runs(flow_run_filter=flow_filter)
+
+    import asyncio
+
+    runs = [(run.name, run.state.name) for run in asyncio.run(task_runs())]
+    for stage in ("validate_data", "format_prompts", "train_qlora", "evaluate-base", "evaluate-candidate", "merge"):
+        # Task run names: "<task>-<3 hex>" or the task_run_name given ("evaluate-base").
+        of_stage = [state for name, state in runs if name == stage or name.rsplit("-", 1)[0] == stage]
+        assert "Cached" in of_stage, (stage, runs)
+    register_states = [state for name, state in runs if name.startswith("register-")]
+    assert register_states.count("Failed") == 1 and register_states.count("Completed") == 1
+
+
+def test_a_transient_failure_is_retried_by_the_task_and_a_permanent_one_is_not(prefect_api, small_config,
+                                                                               monkeypatch):
+    from flows.promote import promote
+
+    from lora_pipeline import promotion
+
+    real, attempts = promotion.promote, []
+
+    def flaky(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionResetError("the registry dropped the connection")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(promotion, "promote", flaky)
+    with as_worker(small_config):
+        assert promote(model_name="e2e-tiny", version="1", reason="flaky", config_path=str(small_config),
+                       force=True)["champion"] == "1"
+    assert len(attempts) == 2  # retried once, after a backoff
+    attempts.clear()
+    monkeypatch.setattr(promotion, "promote", lambda *a, **k: attempts.append(1) or (_ for _ in ()).throw(
+        KeyError("a bug")))
+    with as_worker(small_config), pytest.raises(KeyError):
+        promote(model_name="e2e-tiny", version="1", reason="bug", config_path=str(small_config))
+    assert len(attempts) == 1  # permanent: not retried

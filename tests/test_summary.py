@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lora_pipeline.summary import RunSummary, new_run_dir
+from lora_pipeline.summary import RunSummary, run_dir_for
 
 
 def test_stages_are_timed_and_failures_recorded(tmp_path):
@@ -21,8 +21,11 @@ def test_stages_are_timed_and_failures_recorded(tmp_path):
     assert "bad rows" in saved["error"]
 
 
-def test_run_dirs_are_unique_and_under_output_dir(tmp_path):
-    first = new_run_dir(tmp_path, "0123456789abcdef")
-    assert first.parent == tmp_path / "runs" and first.is_dir()
-    with pytest.raises(FileExistsError):
-        new_run_dir(tmp_path, "0123456789abcdef")  # same second, same id: never reuse a run dir
+def test_run_dirs_are_per_flow_run_and_under_output_dir(tmp_path):
+    from datetime import datetime, timezone
+
+    started = datetime(2026, 11, 30, 6, 0, 1, tzinfo=timezone.utc)
+    first = run_dir_for(tmp_path, "0123456789abcdef", started)
+    assert first == tmp_path / "runs" / "20261130T060001Z-01234567" and first.is_dir()
+    assert run_dir_for(tmp_path, "0123456789abcdef", started) == first  # a retry of the same flow run
+    assert run_dir_for(tmp_path, "fedcba9876543210", started) != first  # another flow run, same second
