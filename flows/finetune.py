@@ -11,8 +11,8 @@ from lora_pipeline.run_request import SUMMARY_JSON_ENV, RunOverrides, load_run_c
 from lora_pipeline.evaluate_stage import BASE, CANDIDATE, CHAMPION, FULL_PRECISION_BASE, describe_suites
 from lora_pipeline.gate import gate_candidate, resolve_task_metric
 from lora_pipeline.stages import registration_store
-from lora_pipeline.summary import RunSummary, final_metrics, lineage_tags, run_dir_for
-from lora_pipeline.tracking import TrackingRun, code_version, mask_secrets
+from lora_pipeline.summary import RunSummary, code_version, final_metrics, lineage_tags, run_dir_for
+from lora_pipeline.tracking import TrackingRun, mask_secrets
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
 from tasks.evaluate import compare_models, evaluate, evaluate_champion

@@ -102,3 +102,21 @@ def final_metrics(results: dict[str, Any]) -> dict[str, float]:
             metrics[f"merge/{key}"] = float(results["merge"][key])
     metrics["gate/passed"] = float(results["gate"]["passed"])
     return metrics
+
+
+def code_version(source_dir: Path | None = None) -> str:
+    """Git commit of the pipeline's source (``+dirty`` with uncommitted changes); ``unknown`` outside git.
+
+    Recorded as the ``git_commit`` lineage tag, so a model version names the code that trained it.
+    """
+    import subprocess
+
+    where = str(source_dir or Path(__file__).resolve().parents[1])
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit

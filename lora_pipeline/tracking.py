@@ -387,20 +387,3 @@ def fluent_tracking_uri(tracking_uri: str) -> Iterator[None]:
                 else:
                     os.environ[key] = value
 
-
-def code_version(source_dir: Path | None = None) -> str:
-    """Git commit of the pipeline's source (``+dirty`` with uncommitted changes); ``unknown`` outside git.
-
-    Recorded as the ``git_commit`` lineage tag, so a model version names the code that trained it.
-    """
-    import subprocess
-
-    where = str(source_dir or Path(__file__).resolve().parents[1])
-    try:
-        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{commit}+dirty" if dirty else commit

@@ -145,7 +145,7 @@ def test_fluent_tracking_uri_restores_global_state(store, monkeypatch):
 def test_code_version_is_the_git_commit_or_unknown(tmp_path):
     import subprocess
 
-    from lora_pipeline.tracking import code_version
+    from lora_pipeline.summary import code_version
 
     assert code_version(tmp_path) == "unknown"  # not a git checkout
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
