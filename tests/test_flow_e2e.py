@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lora_pipeline.loading import load_text_generation
 from lora_pipeline.run_request import as_worker
-from tests.conftest import chat_rows
+from tests.helpers.configs import write_jsonl, write_tiny_config
 
 STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register",
           "apply_aliases"]
@@ -33,35 +32,10 @@ def run_flow(config: Path, *overrides: str, summary_json: Path | None = None) ->
         return finetune(config_path=str(config))
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def small_config(tiny_model_dir, tmp_path_factory) -> Path:
     """A config pointing at the tiny model and tiny data files, with a handful of training steps."""
-    root = tmp_path_factory.mktemp("e2e")
-    rows = chat_rows()
-    train, held_out = rows[8:], rows[:8]
-    config = {
-        "output_dir": str(root / "outputs"),
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"path": _write_jsonl(root / "train.jsonl", train), "format": "messages",
-                 "eval_path": _write_jsonl(root / "eval.jsonl", held_out), "max_length": 64, "min_rows": 8},
-        "eval": {"regression_qa_path": _write_jsonl(root / "qa.jsonl", held_out[:4]),
-                 "regression_text_path": _write_jsonl(root / "text.jsonl", [{"text": "red cat blue owl"}]),
-                 "max_new_tokens": 6, "batch_size": 8},
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"max_steps": 6, "warmup_steps": 1, "save_steps": 3, "logging_steps": 2, "per_device_batch_size": 8},
-        # The tiny random model never stops at EOS: the stop-rate rule is exercised in test_gate.py.
-        "gate": {"min_task_gain": 0.0, "max_regression": 1.0, "min_stop_rate": 0.0},
-        "registry": {"model_name": "e2e-tiny", "auto_promote": True},
-        "mlflow": {"system_metrics_interval": 0.5},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_tiny_config(tmp_path_factory.mktemp("e2e"), tiny_model_dir, "e2e-tiny", system_metrics_interval=0.5)
 
 
 def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path, monkeypatch):
@@ -200,7 +174,7 @@ def test_text_data_trains_without_a_template_and_gates_on_held_out_perplexity(pr
     monkeypatch.chdir(tmp_path)
     texts = [{"text": f"the {c} {a} sees the {c2} {a2}"} for c in COLOURS for a in ANIMALS for c2, a2 in
              zip(COLOURS[:2], ANIMALS[1:3], strict=True)]
-    source = Path(_write_jsonl(tmp_path / "texts.jsonl", texts))
+    source = Path(write_jsonl(tmp_path / "texts.jsonl", texts))
     summary = run_flow(small_config, f"data.path={source}", "data.format=text", "data.eval_path=null",
                        "data.eval_fraction=0.2", "train.learning_rate=1e-2", "registry.model_name=e2e-text",
                        "gate.min_task_gain=0.05")

@@ -5,7 +5,6 @@ server, a refused run, `make down`."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import time
@@ -13,9 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import chat_rows
+from tests.helpers.configs import write_tiny_config
 from tests.helpers.serving import free_port
 
 pytestmark = pytest.mark.slow
@@ -24,29 +22,11 @@ POSTGRES = os.environ.get("LORA_PIPELINE_POSTGRES_URL", "postgresql://root@127.0
 MODEL_NAME = "ops-tiny"
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def config_root(tiny_model_dir, tmp_path_factory) -> Path:
     """A config directory the worker may read (LORA_PIPELINE_CONFIG_ROOTS): a tiny model, a few steps."""
     root = tmp_path_factory.mktemp("configs")
-    rows = chat_rows()
-    config = {
-        "output_dir": str(root / "outputs"),
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"path": _write_jsonl(root / "train.jsonl", rows[8:]), "eval_path": _write_jsonl(root / "eval.jsonl", rows[:8]),
-                 "max_length": 64, "min_rows": 8},
-        "eval": {"regression_qa_path": str(root / "eval.jsonl"), "regression_text_path": None, "max_new_tokens": 6},
-        "lora": {"r": 4, "alpha": 8},
-        "train": {"max_steps": 6, "warmup_steps": 1, "save_steps": 3, "logging_steps": 2, "per_device_batch_size": 8},
-        "gate": {"min_task_gain": 0.0, "max_regression": 1.0, "min_stop_rate": 0.0},
-        "registry": {"model_name": "not-this-one", "auto_promote": True},
-        "mlflow": {"system_metrics_interval": 0},
-    }
-    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    write_tiny_config(root, tiny_model_dir, "not-this-one")
     return root
 
 
@@ -90,7 +70,7 @@ def deployed(stack):
 
 
 def test_a_run_from_the_api_form_trains_on_the_worker_and_registers_in_the_mlflow_server(deployed, config_root):
-    parameters = {"config_path": str(config_root / "tiny.yaml"),
+    parameters = {"config_path": str(config_root / "config.yaml"),
                   "overrides": {"train_max_steps": 4, "registry_model_name": MODEL_NAME}}
 
     async def run(client):
@@ -127,7 +107,7 @@ def test_a_run_that_sets_a_forbidden_key_is_refused(deployed, config_root):
     async def run(client):
         deployment = await client.read_deployment_by_name("finetune/finetune")
         return await client.create_flow_run_from_deployment(deployment.id, parameters={
-            "config_path": str(config_root / "tiny.yaml"), "overrides": {"model_trust_remote_code": True}})
+            "config_path": str(config_root / "config.yaml"), "overrides": {"model_trust_remote_code": True}})
 
     with pytest.raises(PrefectHTTPStatusError, match="'model_trust_remote_code' was unexpected"):
         _prefect(deployed, run)
