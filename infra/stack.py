@@ -111,25 +111,28 @@ def up(args: argparse.Namespace) -> dict[str, str]:
                                        "--name", f"{WORK_POOL}-local"], worker_env, logs)
     pids["prefect-worker"] = worker.pid
     (state / "pids.json").write_text(json.dumps(pids))
-    _wait_worker(api_url, worker, logs / "prefect-worker.log", args.timeout, base)
+    _wait_worker(api_url, worker, logs / "prefect-worker.log", args.timeout)
     (state / "env").write_text("".join(f"export {key}={value}\n" for key, value in clients.items()))
     print(f"stack up ({'PostgreSQL' if postgres else 'SQLite'}); logs in {logs}; point clients at it with:\n"
           f"  source {state / 'env'}", flush=True)
     return clients
 
 
-def _wait_worker(api_url: str, worker: subprocess.Popen, log: Path, timeout: float, env: dict[str, str]) -> None:
+def _wait_worker(api_url: str, worker: subprocess.Popen, log: Path, timeout: float) -> None:
     """Until the work pool lists an online worker (the worker creates the pool on start)."""
     deadline = time.monotonic() + timeout
-    check = [sys.executable, "-c", "import asyncio\nfrom prefect.client.orchestration import get_client\n"
-             "async def main():\n    async with get_client() as c:\n"
-             f"        workers = await c.read_workers_for_work_pool({WORK_POOL!r})\n"
-             "        raise SystemExit(0 if any(w.status.value == 'ONLINE' for w in workers) else 1)\n"
-             "asyncio.run(main())"]
-    while subprocess.run(check, env={**env, "PREFECT_API_URL": api_url}, capture_output=True).returncode != 0:
+    request = urllib.request.Request(f"{api_url}/work_pools/{WORK_POOL}/workers/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if any(worker_["status"] == "ONLINE" for worker_ in json.loads(response.read())):
+                    return
+        except OSError:  # 404 until the worker has created its pool
+            pass
         if worker.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"the worker did not come online; see {log}:\n{log.read_text()[-3000:]}")
-        time.sleep(2)
+        time.sleep(1)
 
 
 def down(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from lora_pipeline.evaluation import comparison_table, evaluate_model, generate_
     write_metrics
 from lora_pipeline.formatting import stop_token_ids
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
-from lora_pipeline.suites import load_eval_suites, write_references
+from lora_pipeline.suites import load_eval_suites, references_path, write_references
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def score(cfg: PipelineConfig, model: Any, tokenizer: Any, stop_ids: list[int], 
                               notes=notes)
     base_answers = None
     if label == BASE and cfg.eval.regression_qa_path == BASE_ANSWERS and suites.regression_qa \
-            and not any(row["messages"][-1]["content"] for row in suites.regression_qa):
-        # The references are still empty: the base's own greedy answers become them (base = 1.0 by construction).
+            and not references_path(run_dir).is_file():
+        # No references yet: the base's own greedy answers become them (base = 1.0 by construction).
         base_answers = generate_answers(model, tokenizer, suites.regression_qa, cfg.eval.max_new_tokens,
                                         cfg.eval.batch_size, stop_ids)
         suites = replace(suites, regression_qa=write_references(suites.regression_qa, base_answers, run_dir))
@@ -110,8 +110,8 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
     from mlflow.artifacts import download_artifacts
     from peft import PeftModel
 
-    from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
     from lora_pipeline.loading import load_registered_model
+    from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
     from lora_pipeline.registry import RUN_KEY_TAG, mlflow_client
 
     name = cfg.registry.model_name

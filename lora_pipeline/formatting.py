@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 IGNORE_INDEX = -100  # the label value PyTorch's cross-entropy (and TRL) skips
 
 #: A conversation rendered to check a tokenizer and to find its template's end-of-turn token.
@@ -206,9 +208,7 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict[str, str]], ma
                                      f"token {sorted(stops)}, so the model would never learn to stop")
             labels[len(prompt): end + 1] = full[len(prompt): end + 1]
             answer_ends.append(end)
-    except RowFormatError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - jinja TemplateError, raise_exception(), a role the template lacks
+    except TemplateError as exc:  # raise_exception() in the template (a role it lacks), or a broken template
         raise RowFormatError(f"template_error: the chat template refused the conversation: {exc}") from exc
     if not answer_ends:
         raise RowFormatError("template_error: the conversation has no assistant turn to train on")

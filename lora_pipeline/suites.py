@@ -71,8 +71,8 @@ def _regression_rows(cfg: PipelineConfig, run_dir: Path, has_chat_template: bool
     if qa_path != BASE_ANSWERS:
         return read_messages(qa_path, "messages")[:limit], []
     references = references_path(run_dir)
-    if references.is_file():
-        return read_messages(references, "messages"), []
+    if references.is_file():  # written by write_references; an answer may be empty (the base said nothing)
+        return [json.loads(line) for line in references.read_text(encoding="utf-8").splitlines()], []
     return general_prompt_rows(limit), []
 
 

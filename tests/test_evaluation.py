@@ -181,3 +181,18 @@ def test_eval_suites_are_configurable(tmp_path):
     assert not only_regression.score_task and len(only_regression.regression_qa) == 1
     with pytest.raises(ConfigError, match="unknown eval suites"):
         load_config(None, ["eval.suites=[tsk]"])
+
+
+def test_base_answer_references_keep_an_empty_answer(tmp_path):
+    # A base that stops at once gives an empty reference: it is a valid reference, not a broken row.
+    from lora_pipeline.config import load_config
+    from lora_pipeline.evaluation import Generation
+    from lora_pipeline.suites import general_prompt_rows, load_eval_suites, write_references
+
+    cfg = load_config(None, ["eval.regression_qa_path=base_answers", "eval.regression_text_path=null",
+                             "eval.max_samples=2"])
+    rows = general_prompt_rows(2)
+    write_references(rows, [Generation("", True, 0.0), Generation("Tokyo.", True, 0.0)], tmp_path)
+    loaded = load_eval_suites(cfg, tmp_path).regression_qa
+    assert [row["messages"][-1]["content"] for row in loaded] == ["", "Tokyo."]
+    assert [row["messages"][0] for row in loaded] == [row["messages"][0] for row in rows]
