@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger, runtime
 from lora_pipeline.run_request import SUMMARY_JSON_ENV, RunOverrides, load_run_config
 from lora_pipeline.evaluate_stage import BASE, CANDIDATE, CHAMPION, FULL_PRECISION_BASE, describe_suites
 from lora_pipeline.gate import gate_candidate, resolve_task_metric
+from lora_pipeline.reports import gate_rejected_notice, run_failed_notice
 from lora_pipeline.stages import registration_store
 from lora_pipeline.summary import RunSummary, code_version, final_metrics, lineage_tags, run_dir_for
 from lora_pipeline.tracking import TrackingRun, mask_secrets
@@ -17,7 +18,10 @@ from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
 from tasks.evaluate import compare_models, evaluate, evaluate_champion
 from tasks.merge import merge
+from tasks.notify import announce
+from tasks.policy import one_run_per_model
 from tasks.register import apply_aliases, register
+from tasks.report import publish_gate_report
 from tasks.tracking import close_tracking_run, log_data_report, log_results, open_tracking_run
 from tasks.train import train_qlora
 
@@ -39,12 +43,16 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
                              candidate and the registry's current champion; comparison table and chart
         7. gate            - pure decision: task gain, regression tolerance, stop rate, not worse than
                              the champion; every reason logged, in the summary and as MLflow tags
+           publish_gate_report - the decision and comparison table as Prefect artifacts, with the MLflow link
+           announce        - a rejected candidate raises `lora-pipeline.gate.rejected` and is sent through
+                             ``notify.block`` (a failed run: `lora-pipeline.run.failed`, same block)
         8. merge           - adapter into the de-quantised base, logit parity checked (only for a version
                              registered merged: it passed the gate and registry.store is merged)
         9. register        - MLflow model registry version, merged or adapter + base reference, with
-                             lineage tags (idempotent per run key)
+                             lineage tags and a description stating the gate decision (idempotent per run key)
        10. apply_aliases   - a passing version becomes `candidate` (and `champion` with
                              registry.auto_promote; the old champion becomes `previous`)
+        Steps 5-10 hold the model's concurrency slot (``model-<registry.model_name>``, one run at a time).
 
     Args:
         config_path: YAML config under the worker's config roots (the repository's ``configs/``);
@@ -82,51 +90,66 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
             formatted = format_prompts(cfg, data["clean_path"], str(run_dir))
         run_key = cfg.run_key(data["data_hash"], assets.base_fingerprint)
         summary.results["run_key"] = run_key
-        with summary.stage("train_qlora"):
-            trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), run_key, mlflow_run)
-            summary.results["train"] = trained["metrics"]
-        with summary.stage("evaluate"):
-            results = {BASE: evaluate(cfg, str(run_dir), BASE)}  # first: its answers may be the references
-            if cfg.eval.full_precision_base and cfg.quant.quantizes:
-                results[FULL_PRECISION_BASE] = evaluate(cfg, str(run_dir), FULL_PRECISION_BASE)
-            results[CANDIDATE] = evaluate(cfg, str(run_dir), CANDIDATE, trained["adapter_dir"])
-            champion = evaluate_champion(cfg, str(run_dir), mlflow_run, run_key, assets.base_fingerprint)
-            summary.results["champion"] = {k: v for k, v in (champion or {}).items() if k != "metrics"}
-            if champion and champion["metrics"]:
-                results[CHAMPION] = champion["metrics"]
-            summary.results["eval"] = results
-            summary.results["eval_suites"] = describe_suites(cfg, run_dir)
-            summary.results["comparison"] = compare_models(str(run_dir), results)
-        with summary.stage("gate"):
-            decision = gate_candidate(results[BASE], results[CANDIDATE], cfg.gate,
-                                      champion["metrics"] if champion else None,
-                                      resolve_task_metric(cfg.gate, cfg.data.format))
-            summary.results["gate"] = decision.to_dict()
-            for reason in decision.reasons:
-                logger.info("gate %s: %s", "PASSED" if decision.passed else "FAILED", reason)
-        store = registration_store(cfg.registry, decision.passed)
-        merged_dir = None
-        if store == "merged":
-            with summary.stage("merge"):
-                summary.results["merge"] = merge(cfg, trained["adapter_dir"], str(run_dir))
-                merged_dir = summary.results["merge"]["merged_dir"]
-        else:
-            summary.skip("merge", "registered as adapter + base reference (gate failed or registry.store=adapter)")
-        lineage = lineage_tags(
-            run_key=run_key, config_hash=cfg.config_hash(), data_hash=data["data_hash"],
-            base_model=cfg.model.name_or_path, base_revision=cfg.model.revision,
-            base_fingerprint=assets.base_fingerprint, flow_run_id=flow_run_id, git_commit=code_version(),
-            gate=summary.results["gate"], evaluations=results, store=store)
-        with summary.stage("register"):
-            registered = register(cfg, merged_dir, trained["adapter_dir"], str(run_dir), mlflow_run, run_key,
-                                  lineage, store)
-            summary.results["registered_model"] = registered
-        with summary.stage("apply_aliases"):
-            summary.results["registry"] = apply_aliases(cfg, mlflow_run, registered["version"], decision.passed)
+        # One run per model from training to aliases: two runs of one model never train or register at once.
+        with one_run_per_model(cfg.registry.model_name):
+            with summary.stage("train_qlora"):
+                trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), run_key, mlflow_run)
+                summary.results["train"] = trained["metrics"]
+            with summary.stage("evaluate"):
+                results = {BASE: evaluate(cfg, str(run_dir), BASE)}  # first: its answers may be the references
+                if cfg.eval.full_precision_base and cfg.quant.quantizes:
+                    results[FULL_PRECISION_BASE] = evaluate(cfg, str(run_dir), FULL_PRECISION_BASE)
+                results[CANDIDATE] = evaluate(cfg, str(run_dir), CANDIDATE, trained["adapter_dir"])
+                champion = evaluate_champion(cfg, str(run_dir), mlflow_run, run_key, assets.base_fingerprint)
+                summary.results["champion"] = {k: v for k, v in (champion or {}).items() if k != "metrics"}
+                if champion and champion["metrics"]:
+                    results[CHAMPION] = champion["metrics"]
+                summary.results["eval"] = results
+                summary.results["eval_suites"] = describe_suites(cfg, run_dir)
+                summary.results["comparison"] = compare_models(str(run_dir), results)
+            with summary.stage("gate"):
+                task_metric = resolve_task_metric(cfg.gate, cfg.data.format)
+                decision = gate_candidate(results[BASE], results[CANDIDATE], cfg.gate,
+                                          champion["metrics"] if champion else None, task_metric)
+                summary.results["gate"] = decision.to_dict()
+                for reason in decision.reasons:
+                    logger.info("gate %s: %s", "PASSED" if decision.passed else "FAILED", reason)
+                report = publish_gate_report(cfg.registry.model_name, mlflow_run, decision.to_dict(), results,
+                                             task_metric)
+                if not decision.passed and cfg.notify.on_gate_rejected:
+                    announce(cfg.notify, gate_rejected_notice(cfg.registry.model_name, decision.to_dict(),
+                                                              report["run_url"], runtime.flow_run.name),
+                             return_state=True)  # a notification that cannot be sent never fails the run
+            store = registration_store(cfg.registry, decision.passed)
+            merged_dir = None
+            if store == "merged":
+                with summary.stage("merge"):
+                    summary.results["merge"] = merge(cfg, trained["adapter_dir"], str(run_dir))
+                    merged_dir = summary.results["merge"]["merged_dir"]
+            else:
+                summary.skip("merge", "registered as adapter + base reference (gate failed or registry.store=adapter)")
+            lineage = lineage_tags(
+                run_key=run_key, config_hash=cfg.config_hash(), data_hash=data["data_hash"],
+                base_model=cfg.model.name_or_path, base_revision=cfg.model.revision,
+                base_fingerprint=assets.base_fingerprint, flow_run_id=flow_run_id, git_commit=code_version(),
+                gate=summary.results["gate"], store=store)
+            with summary.stage("register"):
+                registered = register(cfg, merged_dir, trained["adapter_dir"], str(run_dir), mlflow_run, run_key,
+                                      lineage, store, report["description"])
+                summary.results["registered_model"] = registered
+            with summary.stage("apply_aliases"):
+                summary.results["registry"] = apply_aliases(cfg, mlflow_run, registered["version"],
+                                                            decision.passed)
         log_results(mlflow_run, final_metrics(summary.results), {"gate_passed": str(decision.passed),
                     "gate_reasons": lineage["gate_reasons"]}, str(run_dir / "eval"))
         summary.status = "completed"
         return summary.to_dict()
+    except Exception as exc:
+        if cfg.notify.on_failure:  # as with the gate: a notification that cannot be sent changes nothing
+            announce(cfg.notify, run_failed_notice(cfg.registry.model_name, summary.error or f"{type(exc).__name__}: "
+                                                   f"{exc}", summary.failed_stage, runtime.flow_run.name),
+                     return_state=True)
+        raise
     finally:
         summary.write(run_dir / "summary.json", os.environ.get(SUMMARY_JSON_ENV))
         if mlflow_run is not None:

@@ -266,6 +266,17 @@ class RegistryConfig(_Strict):
         "that passed the gate; one that failed is stored as adapter.")
 
 
+class NotifyConfig(_Strict):
+    block: str | None = Field(
+        None, pattern=r"^[a-z0-9-]+/[A-Za-z0-9_.-]+$",
+        description="Prefect notification block that tells people about a failed run or a rejected candidate, as "
+        "`<block-type-slug>/<block name>` (e.g. `slack-webhook/ml-oncall`, `custom-webhook/lora-alerts`); its URL and "
+        "credentials live in the block, never in this file. null: Prefect events only (automations can match "
+        "`lora-pipeline.run.failed` and `lora-pipeline.gate.rejected`).")
+    on_failure: bool = Field(True, description="Notify when a run fails.")
+    on_gate_rejected: bool = Field(True, description="Notify when the gate rejects a candidate.")
+
+
 class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -277,6 +288,7 @@ class PipelineConfig(_Strict):
     merge: MergeConfig = MergeConfig()
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
+    notify: NotifyConfig = NotifyConfig()
     demo: DemoWorldSpec = DemoWorldSpec()
     output_dir: Path = Field(Path("outputs"), description="Root of all runs; made absolute at load time.")
 

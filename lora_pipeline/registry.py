@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from mlflow.exceptions import MlflowException
 from packaging.version import Version
 
-from lora_pipeline.tracking import fluent_tracking_uri, log_artifacts, masked_tags, mlflow_client, set_tags
+from lora_pipeline.tracking import fluent_tracking_uri, log_artifacts, mask_secrets, masked_tags, mlflow_client, set_tags
 
 if TYPE_CHECKING:
     from lora_pipeline.config import RegistryConfig
@@ -309,6 +309,7 @@ def register_model(
     base_revision: str | None = None,
     store: Store | None = None,
     eos_token_ids: Sequence[int] | None = None,
+    description: str | None = None,
 ) -> RegisteredVersion:
     """Log the model (transformers flavor) into the run and register it, once per run key.
 
@@ -334,6 +335,7 @@ def register_model(
         store: ``"merged"`` or ``"adapter"``; None takes ``registry_cfg.store``.
         eos_token_ids: The full stop set; the logged model's ``generation_config.eos_token_id``
             becomes exactly this list. None keeps the model's (or base's) own generation config.
+        description: The version's description in the MLflow UI (gate decision, run link), masked.
 
     Returns:
         The version; ``created`` tells whether this call created it.
@@ -370,7 +372,8 @@ def register_model(
     # it would read ./mlflow.db of the working directory), hence the fluent context.
     with fluent_tracking_uri(tracking_uri):
         created = mlflow_client(tracking_uri).create_model_version(
-            name, source=f"models:/{model_id}", run_id=run_id, tags=lineage, model_id=model_id
+            name, source=f"models:/{model_id}", run_id=run_id, tags=lineage, model_id=model_id,
+            description=mask_secrets(description) if description else None,
         )
     # Two registrations of one run key can still both get here (the registry has no unique
     # constraint on tags). Both then see both versions; the oldest one wins everywhere, and the
@@ -387,8 +390,12 @@ def register_model(
                              model_uri=f"models:/{name}/{created.version}", created=True)
 
 
-def set_version_tags(tracking_uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
-    """Set (masked) tags on one model version, e.g. the gate decision of a later run of the same training."""
+def set_version_tags(tracking_uri: str, name: str, version: str, tags: Mapping[str, str],
+                     description: str | None = None) -> None:
+    """Set (masked) tags, and optionally the description, on one model version, e.g. the gate decision of a
+    later run of the same training."""
     client = mlflow_client(tracking_uri)
     for key, value in masked_tags(tags).items():
         client.set_model_version_tag(name, version, key, value)
+    if description is not None:
+        client.update_model_version(name, version, description=mask_secrets(description))

@@ -269,12 +269,14 @@ def register(
     run_key: str,
     tags: dict[str, str],
     store: str,
+    description: str | None = None,
 ) -> dict[str, Any]:
     """Register this run's model once per run key: the merged model, or the adapter + a base reference.
 
     Either form stops on the base's whole stop set. When the run key was registered before (a retry,
     or a re-run with only gate/eval/registry settings changed), that version is returned and its gate
-    tags are updated to this run's decision, so its lineage says how it was last judged.
+    tags (and ``description``: the gate decision and run link) are updated to this run's decision, so
+    its lineage says how it was last judged.
     """
     from lora_pipeline import registry
 
@@ -294,9 +296,11 @@ def register(
         base_revision=cfg.model.revision,
         store=store,  # type: ignore[arg-type]
         eos_token_ids=stop_ids(cfg, tokenizer),
+        description=description,
     )
     if not version.created:
         registry.set_version_tags(run.tracking_uri, version.name, version.version,
-                                  {key: tags[key] for key in ("gate_passed", "gate_reasons", "flow_run_id")})
+                                  {key: tags[key] for key in ("gate_passed", "gate_reasons", "flow_run_id")},
+                                  description)
     return {"name": version.name, "version": version.version, "model_uri": version.model_uri,
             "created": version.created}

@@ -53,6 +53,11 @@ class RunSummary:
         finally:
             record["seconds"] = round(time.perf_counter() - started, 2)
 
+    @property
+    def failed_stage(self) -> str | None:
+        """The stage that failed, if one did."""
+        return next((stage["name"] for stage in self.stages if stage["status"] == "failed"), None)
+
     def skip(self, name: str, why: str) -> None:
         """Record a stage that did not need to run (e.g. no merge for an adapter-only registration)."""
         self.stages.append({"name": name, "status": "skipped", "seconds": 0.0, "why": why})
@@ -80,15 +85,17 @@ class RunSummary:
 
 def lineage_tags(*, run_key: str, config_hash: str, data_hash: str, base_model: str, base_revision: str | None,
                  base_fingerprint: str, flow_run_id: str, git_commit: str, gate: dict[str, Any],
-                 evaluations: dict[str, dict[str, float]], store: str) -> dict[str, str]:
-    """The tags a registered version carries: where it came from, how it was judged, how it is stored."""
+                 store: str) -> dict[str, str]:
+    """The tags a registered version carries: where it came from, how it was judged, how it is stored.
+
+    The evaluation figures are not tags: they are the run's metrics (:func:`final_metrics`), and the
+    version's description (:func:`lora_pipeline.reports.version_description`) names the headline ones.
+    """
     return {
         "run_key": run_key, "config_hash": config_hash, "data_hash": data_hash, "base_model": base_model,
         "base_model_revision": base_revision or "", "base_fingerprint": base_fingerprint,
         "flow_run_id": flow_run_id, "git_commit": git_commit, "gate_passed": str(gate["passed"]),
         "gate_reasons": "; ".join(gate["reasons"]), "store": store,
-        **{f"eval.{label}.{key}": f"{value:.4f}" for label, metrics in evaluations.items()
-           for key, value in metrics.items()},
     }
 
 

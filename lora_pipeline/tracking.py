@@ -173,6 +173,16 @@ def is_tracking_server(tracking_uri: str) -> bool:
     return tracking_uri.startswith(("http://", "https://", "databricks"))
 
 
+def run_url(tracking_uri: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI of a tracking server (credentials removed); None for a local store,
+    whose UI (``mlflow ui --backend-store-uri ...``) has no fixed address."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    experiment_id = mlflow_client(tracking_uri).get_run(run_id).info.experiment_id
+    base = re.sub(r"//[^/@]*@", "//", tracking_uri.rstrip("/"))
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: Path) -> str:
     """Get or create the experiment; with a local store, a new one stores artifacts under ``artifact_root``.
 

@@ -8,10 +8,16 @@
   takes every finished stage from cache (state ``Cached``) and runs only what failed. The inputs are
   the config and paths inside the flow run's own directory, which a retry reuses.
 - Timeouts: each task has one that fits its work; training's is the longest.
+- Concurrency: :func:`one_run_per_model` holds a per-model global concurrency limit (one slot) from
+  training to registration, so two runs of the same model never train or register at once; runs of
+  different models proceed in parallel.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from prefect.tasks import exponential_backoff
@@ -39,3 +45,37 @@ TRANSIENT_RETRIES: dict[str, Any] = {
 }
 #: Persisted results, so a flow-run retry finds them (Prefect's default cache policy keys them).
 CACHED: dict[str, Any] = {"persist_result": True}
+
+
+def model_concurrency_limit(model_name: str) -> str:
+    """The global concurrency limit that serialises runs of one registered model (``model-<name>``).
+
+    Prefect refuses ``/ % & > <`` in limit names; a model name may hold them, so they become ``-``.
+    """
+    return "model-" + re.sub(r"[/%&><\s]", "-", model_name)
+
+
+@contextmanager
+def one_run_per_model(model_name: str, timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold the model's concurrency slot: two runs of the same model never train or register at once.
+
+    The limit (one slot) is created on first use; an operator may raise it in the UI or with
+    ``prefect gcl update model-<name> --limit N``, and that choice is kept. A second run waits for the
+    slot (up to ``timeout_seconds``; None waits as long as it takes). A crashed holder's slot is freed
+    when its lease expires.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = model_concurrency_limit(model_name)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+            with suppress(ObjectAlreadyExists):  # another run created it meanwhile: the same limit
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        yield

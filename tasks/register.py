@@ -14,10 +14,11 @@ from tasks.policy import HOUR, MINUTE, TRANSIENT_RETRIES
 # Retried: the registry may be remote; registration is idempotent per run key, so a retry is safe.
 @task(name="register", timeout_seconds=2 * HOUR, **TRANSIENT_RETRIES)
 def register(cfg: PipelineConfig, merged_dir: str | None, adapter_dir: str, run_dir: str,
-             run: TrackingRun, run_key: str, tags: dict[str, str], store: str) -> dict[str, Any]:
+             run: TrackingRun, run_key: str, tags: dict[str, str], store: str,
+             description: str | None = None) -> dict[str, Any]:
     """Register this run's model; returns name, version, model URI and whether it was newly created."""
     return stages.register(cfg, Path(merged_dir) if merged_dir else None, Path(adapter_dir), Path(run_dir),
-                           run, run_key, tags, store)
+                           run, run_key, tags, store, description)
 
 
 # Retried: setting aliases is idempotent.

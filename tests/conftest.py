@@ -95,3 +95,24 @@ def mlflow_workdir(tmp_path_factory):
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         mp.chdir(cwd)
         yield cwd
+
+
+@pytest.fixture(scope="session")
+def ops_config_root(tiny_model_dir, tmp_path_factory) -> Path:
+    """A config directory the stack's worker may read (LORA_PIPELINE_CONFIG_ROOTS): a tiny model, a few steps."""
+    from tests.helpers.configs import write_tiny_config
+
+    root = tmp_path_factory.mktemp("configs")
+    write_tiny_config(root, tiny_model_dir, "not-this-one")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ops_stack(ops_config_root, tmp_path_factory):
+    """One `make up` per session (Prefect + MLflow servers on fresh PostgreSQL databases, a worker), deployed
+    with `lora-pipeline deploy`; `make down` (databases dropped) at the end."""
+    from tests.helpers.stack import deploy, running_stack
+
+    with running_stack(tmp_path_factory.mktemp("stack"), ops_config_root) as exports:
+        deploy(exports)
+        yield exports

@@ -10,6 +10,7 @@ import pytest
 from lora_pipeline.loading import load_text_generation
 from lora_pipeline.run_request import as_worker
 from tests.helpers.configs import write_jsonl, write_tiny_config
+from tests.helpers.webhook import webhook_receiver
 
 STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register",
           "apply_aliases"]
@@ -30,6 +31,49 @@ def run_flow(config: Path, *overrides: str, summary_json: Path | None = None) ->
 
     with as_worker(config, overrides, summary_json):
         return finetune(config_path=str(config))
+
+
+@pytest.fixture(scope="module")
+def alerts(prefect_api):
+    """A webhook on loopback behind a saved Prefect notification block; runs name it with NOTIFY."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    with webhook_receiver() as (url, received):
+        CustomWebhookNotificationBlock(name="e2e", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"},
+                                       allow_private_urls=True).save("e2e-alerts", overwrite=True)
+        yield received
+
+
+NOTIFY = "notify.block=custom-webhook/e2e-alerts"
+
+
+def read_artifact(key: str) -> str:
+    """The latest data of a flow-run artifact, as the Prefect UI shows it."""
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get(key)
+    assert artifact is not None, f"no artifact {key}"
+    return artifact.data if isinstance(artifact.data, str) else json.dumps(artifact.data)
+
+
+def read_events(name: str) -> list:
+    """Events named ``name`` the Prefect server has stored (it persists them asynchronously: poll briefly)."""
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    async def read():
+        async with get_client() as client:
+            response = await client.request("POST", "/events/filter", json={
+                "filter": EventFilter(event=EventNameFilter(name=[name])).model_dump(mode="json"), "limit": 50})
+            return response.json()["events"]
+
+    deadline = time.monotonic() + 30
+    while not (events := asyncio.run(read())) and time.monotonic() < deadline:
+        time.sleep(1)
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +124,14 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
     version = client.get_model_version("e2e-tiny", "1")
     assert version.tags["gate_reasons"] == run.data.tags["gate_reasons"]
     assert len(version.tags["git_commit"].removesuffix("+dirty")) == 40  # this checkout's commit
-    assert {"data_hash", "config_hash", "base_model", "flow_run_id", "eval.candidate.task_exact_match"} <= set(version.tags)
+    assert {"data_hash", "config_hash", "base_model", "flow_run_id"} <= set(version.tags)
+    # The figures are the run's metrics; the version's description says how it was judged and links the run.
+    assert not [key for key in version.tags if key.startswith("eval.")]
+    assert "eval/candidate/task_exact_match" in run.data.metrics
+    assert version.description.startswith("Gate PASSED. PASS: task gain") and run.info.run_id in version.description
+    gate_report = read_artifact("gate-e2e-tiny")
+    assert gate_report.startswith("# Gate PASSED: e2e-tiny") and "| task_exact_match |" in gate_report
+    assert "task_exact_match" in read_artifact("comparison-e2e-tiny")
     assert version.tags["store"] == "merged" and version.tags["base_fingerprint"].startswith("sha256:")
 
     outputs = run_dir.parents[1]
@@ -107,12 +158,18 @@ def test_next_run_is_gated_against_the_champion_and_promoted(prefect_api, small_
     assert summary["registry"]["aliases"] == {"candidate": "2", "champion": "2", "previous": "1"}
 
 
-def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_path):
+def test_bad_data_stops_the_run_before_training(prefect_api, alerts, small_config, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\nnot json\n' * 20)
     summary_path = tmp_path / "summary.json"
+    alerts.clear()
     with pytest.raises(Exception, match="data validation failed"):
-        run_flow(small_config, f"data.path={bad}", summary_json=summary_path)
+        run_flow(small_config, f"data.path={bad}", NOTIFY, summary_json=summary_path)
+    # The failure reached the notification block's webhook and was raised as a Prefect event.
+    (message,) = alerts
+    assert message["subject"] == "lora-pipeline: run for e2e-tiny failed in stage validate_data"
+    assert "bad.jsonl" in message["body"]
+    assert any(event["payload"]["stage"] == "validate_data" for event in read_events("lora-pipeline.run.failed"))
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "failed"
     assert [(s["name"], s["status"]) for s in summary["stages"]][-1] == ("validate_data", "failed")
@@ -127,19 +184,29 @@ def test_bad_data_stops_the_run_before_training(prefect_api, small_config, tmp_p
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
 
 
-def test_a_failed_gate_registers_the_adapter_and_a_base_reference_without_merging(prefect_api, small_config, tmp_path,
-                                                                                 monkeypatch):
+def test_a_failed_gate_registers_the_adapter_and_a_base_reference_without_merging(prefect_api, alerts, small_config,
+                                                                                 tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    summary = run_flow(small_config, "train.seed=2", "gate.min_task_gain=2.0")
+    alerts.clear()
+    summary = run_flow(small_config, "train.seed=2", "gate.min_task_gain=2.0", NOTIFY)
     assert summary["gate"]["passed"] is False
+    # Rejection: told through the block and as an event, reported as a flow-run artifact and on the version.
+    (message,) = alerts
+    assert message["subject"] == "lora-pipeline: gate rejected a candidate for e2e-tiny"
+    assert "FAIL: task gain" in message["body"]
+    assert any(event["resource"]["prefect.resource.id"] == "lora-pipeline.model.e2e-tiny"
+               for event in read_events("lora-pipeline.gate.rejected"))
+    assert read_artifact("gate-e2e-tiny").startswith("# Gate REJECTED: e2e-tiny")
     stages = {s["name"]: s["status"] for s in summary["stages"]}
     assert stages["merge"] == "skipped" and not (Path(summary["run_dir"]) / "merged").exists()
     version = summary["registered_model"]["version"]
     client = MlflowClient(summary["mlflow_tracking_uri"])
-    tags = client.get_model_version("e2e-tiny", version).tags
+    registered = client.get_model_version("e2e-tiny", version)
+    tags = registered.tags
     assert (tags["store"], tags["gate_passed"]) == ("adapter", "False")
+    assert registered.description.startswith("Gate REJECTED. FAIL: task gain")
     assert summary["registry"]["aliases"].get("candidate") != version  # no alias for a failing version
     pipe = load_text_generation(summary["registered_model"]["model_uri"], summary["mlflow_tracking_uri"])
     assert type(pipe.model).__name__ == "PeftModelForCausalLM"  # base + adapter, loaded by MLflow's PEFT support
