@@ -96,9 +96,11 @@ def up(args: argparse.Namespace) -> dict[str, str]:
                                        str(args.prefect_port)],
                     {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db}, logs)
     pids["prefect-server"] = server.pid
+    # MLflow 3's job runner (GenAI judges and optimisation: seven huey consumer processes) is not used here.
     mlflow = _start("mlflow-server", [_bin("mlflow"), "server", "--backend-store-uri", mlflow_db, "--serve-artifacts",
                                       "--artifacts-destination", str(state / "mlartifacts"), "--host", "127.0.0.1",
-                                      "--port", str(args.mlflow_port), "--workers", "1"], base, logs)
+                                      "--port", str(args.mlflow_port), "--workers", "1"],
+                    {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, logs)
     pids["mlflow-server"] = mlflow.pid
     (state / "pids.json").write_text(json.dumps(pids))
     _wait_http(f"{api_url}/health", server, logs / "prefect-server.log", args.timeout)
