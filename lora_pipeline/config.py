@@ -156,6 +156,15 @@ class TrainConfig(_Strict):
     accelerate_config: str | None = Field(
         None, description="With num_processes > 1: launch with `accelerate launch --config_file` this file (DDP, "
         "FSDP; see infra/accelerate/) instead of torchrun.")
+    num_machines: int = Field(
+        1, ge=1, description="Machines the training spans, each running num_processes ranks (world size = "
+        "num_machines x num_processes). > 1: this machine (machine 0) launches torchrun with c10d rendezvous at "
+        "rdzv_endpoint and the others join with `python -m lora_pipeline.distributed join`; every machine must see "
+        "output_dir at the same path (shared storage). A machine's rank comes from its environment, not this file.")
+    rdzv_endpoint: str | None = Field(
+        None, description="With num_machines > 1 (required then): host:port of the c10d rendezvous, on the machine "
+        "that runs the pipeline's train stage and reachable from every other one (e.g. pod 0's DNS name). A location: "
+        "not part of the run key.")
     seed: int = Field(0, description="Seed for data order, LoRA init and dropout.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(
@@ -173,6 +182,28 @@ class TrainConfig(_Strict):
         if reason is not None:
             raise ValueError(f"train.optim={optim} {reason}")
         return optim
+
+    @property
+    def distributed(self) -> bool:
+        """Whether training runs as launched processes (several per machine, or several machines)."""
+        return self.num_processes > 1 or self.num_machines > 1
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, endpoint: str | None) -> str | None:
+        if endpoint is None:
+            return None
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"train.rdzv_endpoint must be host:port (e.g. trainer-0.trainer:29400), got {endpoint!r}")
+        return endpoint
+
+    @model_validator(mode="after")
+    def _endpoint_for_machines(self) -> TrainConfig:
+        if self.num_machines > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"train.num_machines={self.num_machines} needs train.rdzv_endpoint (host:port of the "
+                             "rendezvous on the machine that runs the train stage)")
+        return self
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> TrainConfig:
@@ -312,9 +343,10 @@ class PipelineConfig(_Strict):
         Checkpoints resume, and registration deduplicates, by it. It hashes the base weights' identity
         (``base_fingerprint``: weights hash, or hub id + resolved commit), the clean data's hash, the
         ``model``, ``data``, ``lora``, ``quant`` and ``train`` sections (without the *locations* of the
-        model and data, which the two hashes stand for) and the versions of the training libraries. So
-        changing ``gate``, ``eval``, ``registry``, ``mlflow``, ``merge`` or ``output_dir`` reuses the trained
-        adapter; moving the same data or weights elsewhere does too.
+        model and data, which the two hashes stand for, and of the rendezvous endpoint) and the versions of
+        the training libraries. So changing ``gate``, ``eval``, ``registry``, ``mlflow``, ``merge`` or
+        ``output_dir`` reuses the trained adapter; moving the same data or weights elsewhere, or the same
+        multi-machine training to another cluster address, does too.
         """
         sections = self.model_dump(mode="json", include=set(RUN_KEY_SECTIONS))
         for section, key in _LOCATION_KEYS:
@@ -325,7 +357,8 @@ class PipelineConfig(_Strict):
 
 #: Config sections that change what training produces (see :meth:`PipelineConfig.run_key`).
 RUN_KEY_SECTIONS = ("model", "data", "lora", "quant", "train")
-_LOCATION_KEYS = (("model", "name_or_path"), ("data", "path"), ("data", "eval_path"))
+#: Where things are, not what they are: the same training elsewhere keeps its run key.
+_LOCATION_KEYS = (("model", "name_or_path"), ("data", "path"), ("data", "eval_path"), ("train", "rdzv_endpoint"))
 #: Libraries whose version can change the trained adapter.
 TRAINING_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes")
 

@@ -15,14 +15,25 @@ from lora_pipeline.formatting import format_dataset
 from lora_pipeline.modeling import load_tokenizer
 
 
-@pytest.fixture(scope="module")
+#: The training both the 2-process run here and the 2-machine run (tests/test_multi_node.py) do.
+DDP_OVERRIDES = ["train.max_steps=6", "train.warmup_steps=1", "train.save_steps=3", "train.logging_steps=1",
+                 "train.per_device_batch_size=4", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1"]
+_TWO_PROCESS_RUNS: dict[tuple[Path, Path], tuple] = {}
+
+
+@pytest.fixture(scope="session")
 def two_process_run(tiny_model_dir, tiny_rows_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    cfg = load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"output_dir={root}", f"data.path={tiny_rows_path}", "train.num_processes=2",
-        "train.max_steps=6", "train.warmup_steps=1", "train.save_steps=3", "train.logging_steps=1",
-        "train.per_device_batch_size=4", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1",
-    ])
+    # Imported by tests/test_multi_node.py as well: pytest registers a fixture once per module that holds
+    # it, so without the memo the ~40 s run would happen once per module.
+    key = (tiny_model_dir, tiny_rows_path)
+    if key not in _TWO_PROCESS_RUNS:
+        _TWO_PROCESS_RUNS[key] = _train_two_processes(tiny_model_dir, tiny_rows_path, tmp_path_factory.mktemp("ddp"))
+    return _TWO_PROCESS_RUNS[key]
+
+
+def _train_two_processes(tiny_model_dir, tiny_rows_path, root):
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={root}",
+                             f"data.path={tiny_rows_path}", "train.num_processes=2", *DDP_OVERRIDES])
     run_dir = root / "runs" / "r1"
     tokenized = run_dir / "tokenized.jsonl"
     format_dataset(load_tokenizer(cfg.model), tiny_rows_path, tokenized, cfg.data.max_length)
