@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-quick smollm2 up down clean bench-data bench-train
+.PHONY: setup browser demo test test-quick smollm2 up down clean bench-data bench-train
 
 setup: $(STAMP)
 
@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/lora-pipeline run --config configs/demo.yaml --summary-json outputs/demo-summary.json
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# The browser test's Chromium (tests/test_browser_ui.py drives Debian's chromium with Playwright; it never
+# downloads a browser). Installed once with apt-get; without apt-get or root it says why and the test skips.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then echo "browser: no apt-get here: tests/test_browser_ui.py will skip"; \
+	  elif [ "$$(id -u)" != 0 ]; then echo "browser: not root, cannot apt-get install chromium: tests/test_browser_ui.py will skip"; \
+	  else echo "browser: apt-get install chromium chromium-driver" && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; fi; }
 
 # The suite without the end-to-end runs marked slow (demo world, real model): a couple of minutes.
 test-quick: setup
