@@ -110,7 +110,6 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
     from mlflow.artifacts import download_artifacts
     from peft import PeftModel
 
-    from lora_pipeline.loading import load_registered_model
     from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
     from lora_pipeline.registry import RUN_KEY_TAG, mlflow_client
 
@@ -132,15 +131,30 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
             model = PeftModel.from_pretrained(base, str(adapter)).eval()
             stops = model_stop_ids(cfg.model.name_or_path, cfg.model.revision, tokenizer)
             scored_as = "its adapter on this run's quantised base"
+            metrics = score(cfg, model, tokenizer, stops, run_dir, CHAMPION)
         else:
-            loaded = load_registered_model(f"models:/{name}/{version}", tracking_uri, dst_dir=download)
-            model, tokenizer = loaded.model, loaded.tokenizer
-            stops = stop_token_ids(tokenizer, model.generation_config.eos_token_id)  # its registered stop set
+            metrics = evaluate_registered(cfg, run_dir, tracking_uri, version, CHAMPION)
             scored_as = "as registered (trained on another base)"
-        metrics = score(cfg, model, tokenizer, stops, run_dir, CHAMPION)
     finally:  # a model copy; the registry keeps the original
         shutil.rmtree(download, ignore_errors=True)
     return {"version": version, "run_key": tags.get(RUN_KEY_TAG, ""), "metrics": metrics, "scored_as": scored_as}
+
+
+def evaluate_registered(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, version: str,
+                        label: str) -> dict[str, float]:
+    """Score ``version`` of ``registry.model_name`` as it was registered (the merged model, or its adapter on
+    its base: what serving loads), with its registered stop set, under ``label``."""
+    from lora_pipeline.loading import load_registered_model
+
+    download = run_dir / f"{label}_model"
+    download.mkdir(parents=True, exist_ok=True)
+    try:
+        loaded = load_registered_model(f"models:/{cfg.registry.model_name}/{version}", tracking_uri,
+                                       dst_dir=download)
+        stops = stop_token_ids(loaded.tokenizer, loaded.model.generation_config.eos_token_id)
+        return score(cfg, loaded.model, loaded.tokenizer, stops, run_dir, label)
+    finally:  # a model copy; the registry keeps the original
+        shutil.rmtree(download, ignore_errors=True)
 
 
 def quantization_cost(results: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -116,3 +116,11 @@ def run_failed_notice(model_name: str, error: str, failed_stage: str | None, flo
     body = mask_secrets(f"Flow run {flow_run_name} for {model_name} failed{where}: {error}")
     return Notice(RUN_FAILED_EVENT, model_name, f"lora-pipeline: run for {model_name} failed{where}", body,
                   {"stage": failed_stage or "", "error": mask_secrets(error), "flow_run_name": flow_run_name})
+
+
+def rescore_tags(gate: dict[str, Any], champion_version: str | None, flow_run_name: str,
+                 run_id: str) -> dict[str, str]:
+    """Tags a re-evaluated version carries: the fresh decision, against which champion, by which run."""
+    return {"rescore_gate_passed": str(gate["passed"]), "rescore_gate_reasons": "; ".join(gate["reasons"]),
+            "rescore_vs_champion": champion_version or "none", "rescored_by": f"flow run {flow_run_name}",
+            "rescore_mlflow_run_id": run_id}

@@ -29,3 +29,11 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: str, run: TrackingRun, run_k
 def compare_models(run_dir: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
     """JSON table and PNG bar chart of every scored model, and the quantisation cost, under ``run_dir/eval``."""
     return evaluate_stage.compare_models(Path(run_dir), results)
+
+
+@task(name="evaluate_registered", task_run_name="evaluate-{label}", timeout_seconds=6 * HOUR, **TRANSIENT_RETRIES,
+      **CACHED)
+def evaluate_registered(cfg: PipelineConfig, run_dir: str, run: TrackingRun, version: str,
+                        label: str) -> dict[str, float]:
+    """Score a registered version as registered (what serving loads) on this run's suites."""
+    return evaluate_stage.evaluate_registered(cfg, Path(run_dir), run.tracking_uri, version, label)

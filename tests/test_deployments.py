@@ -5,9 +5,9 @@ from pathlib import Path
 from deployments.serve import REPO_ROOT, build_deployments, load_declarations
 
 
-def test_prefect_yaml_declares_the_finetune_and_promote_deployments_on_one_work_pool():
+def test_prefect_yaml_declares_the_finetune_promote_and_evaluate_deployments_on_one_work_pool():
     declarations = {item["name"]: item for item in load_declarations()}
-    assert set(declarations) == {"finetune-weekly", "finetune", "promote"}
+    assert set(declarations) == {"finetune-weekly", "finetune", "promote", "evaluate"}
     assert {item["work_pool"]["name"] for item in declarations.values()} == {"lora-pipeline"}
     for item in declarations.values():
         path, _, function = item["entrypoint"].partition(":")
@@ -38,6 +38,11 @@ def test_deployments_build_with_schedule_and_validated_parameters():
     from flows.promote import promote
 
     assert set(parameter_schema(promote).model_dump()["required"]) == {"model_name", "version", "reason"}
+    from flows.evaluate import evaluate_version
+
+    evaluate_schema = parameter_schema(evaluate_version).model_dump()
+    assert set(evaluate_schema["required"]) == {"model_name", "version"}
+    assert set(evaluate_schema["properties"]) == {"model_name", "version", "config_path"}
 
 
 def test_worker_env_matches_the_cli_defaults():
