@@ -21,6 +21,7 @@ from tasks.merge import merge
 from tasks.notify import announce
 from tasks.policy import one_run_per_model
 from tasks.register import apply_aliases, register
+from tasks.secrets import load_secrets
 from tasks.report import publish_gate_report
 from tasks.tracking import close_tracking_run, log_data_report, log_results, open_tracking_run
 from tasks.train import train_qlora
@@ -31,6 +32,8 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
     """Validate, format, QLoRA-train, evaluate, gate, merge and register one model.
 
     Steps:
+        0. load_secrets    - the Prefect Secret blocks named by ``secrets.env`` into the run's environment;
+                             every known secret is redacted from logs, the summary and notices from here on
         1. resolve_assets  - locate the base model and data (build the offline demo world, de-quantise a
                              GGUF base, once) and fingerprint the base weights
         2. open_tracking_run - one MLflow run for the whole pipeline run, config logged as params
@@ -67,6 +70,7 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
     if logging.getLogger("lora_pipeline").level == logging.NOTSET:
         logging.getLogger("lora_pipeline").setLevel(logging.INFO)
     cfg = load_run_config(config_path, overrides)
+    load_secrets(cfg.secrets)  # Secret blocks into this run's environment; known secrets redacted from now on
     flow_run_id = str(runtime.flow_run.id)
     # Stable across retries of this flow run: finished stages come back from cache with their outputs.
     run_dir = run_dir_for(cfg.output_dir, flow_run_id, runtime.flow_run.scheduled_start_time)

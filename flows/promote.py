@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, runtime
 
+from lora_pipeline.run_request import load_run_config
 from tasks.registry import promote_version
+from tasks.secrets import load_secrets
 
 
 @flow(name="promote")
@@ -25,6 +27,7 @@ def promote(model_name: str, version: str, reason: str, force: bool = False, con
         config_path: Config file whose ``mlflow.tracking_uri`` names the registry (under the worker's config
             roots; unset: ``MLFLOW_TRACKING_URI``, else the embedded default store).
     """
+    load_secrets(load_run_config(config_path, None).secrets)  # registry credentials from Secret blocks
     result = promote_version(model_name, version, reason, force, config_path, by=f"flow run {runtime.flow_run.name}")
     get_run_logger().info("%s: champion is version %s (previous: %s)", model_name, result["champion"],
                           result["previous"])

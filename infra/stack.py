@@ -94,7 +94,8 @@ def up(args: argparse.Namespace) -> dict[str, str]:
     pids = {}
     server = _start("prefect-server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                        str(args.prefect_port)],
-                    {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db}, logs)
+                    # The UI tells the browser where its API is: this server's port, not Prefect's default 4200.
+                    {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db, "PREFECT_UI_API_URL": api_url}, logs)
     pids["prefect-server"] = server.pid
     # MLflow 3's job runner (GenAI judges and optimisation: seven huey consumer processes) is not used here.
     mlflow = _start("mlflow-server", [_bin("mlflow"), "server", "--backend-store-uri", mlflow_db, "--serve-artifacts",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -279,8 +280,20 @@ class MergeConfig(_Strict):
 
 
 class MlflowConfig(_Strict):
-    tracking_uri: str | None = Field(None, description="Tracking URI; default sqlite under output_dir.")
+    tracking_uri: str | None = Field(
+        None, description="Tracking URI; default MLFLOW_TRACKING_URI, else sqlite under output_dir. No credentials: "
+        "MLflow reads MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or _TOKEN) from the environment, which "
+        "secrets.env can fill from Prefect Secret blocks.")
     experiment_name: str = Field("lora-pipeline", description="Experiment holding the pipeline runs.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri and re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]*:[^/\s]+@", uri):
+            raise ValueError("mlflow.tracking_uri must not hold a password (a config file is no place for one): "
+                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the worker's environment, "
+                             "or name a Prefect Secret block for them under secrets.env")
+        return uri
     system_metrics_interval: float = Field(
         10.0, ge=0, description="Seconds between system-metric samples (CPU, memory, disk, network, GPU) while "
         "training; 0 turns them off.")
@@ -308,6 +321,26 @@ class NotifyConfig(_Strict):
     on_gate_rejected: bool = Field(True, description="Notify when the gate rejects a candidate.")
 
 
+class SecretsConfig(_Strict):
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variable -> Prefect Secret block name, e.g. {HF_TOKEN: hf-token, "
+        "MLFLOW_TRACKING_PASSWORD: mlflow-password}: a flow run loads each block into its environment before its "
+        "first stage, and the values are redacted from its logs, summary, notices and MLflow params and tags. "
+        "Block names only; the values never appear in a config file or a run parameter.")
+
+    @field_validator("env")
+    @classmethod
+    def _names_only(cls, env: dict[str, str]) -> dict[str, str]:
+        for variable, block in env.items():
+            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", variable):
+                raise ValueError(f"secrets.env: {variable!r} is not an environment variable name (A-Z, 0-9, _)")
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", block):
+                raise ValueError(f"secrets.env.{variable}: {block!r} is not a Prefect block name (lowercase letters, "
+                                 "digits, dashes): name the Secret block here, never the secret itself")
+        return env
+
+
 class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -320,6 +353,7 @@ class PipelineConfig(_Strict):
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     notify: NotifyConfig = NotifyConfig()
+    secrets: SecretsConfig = SecretsConfig()
     demo: DemoWorldSpec = DemoWorldSpec()
     output_dir: Path = Field(Path("outputs"), description="Root of all runs; made absolute at load time.")
 
@@ -403,7 +437,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in err["loc"]) or "(root)"
         message = err["msg"].removeprefix("Value error, ")
         shown_input = err["type"] != "missing" and not isinstance(err["input"], dict)
-        lines.append(f"  {key}: {message}" + (f" (got {err['input']!r})" if shown_input else ""))
+        # An input echoed back never shows a URI's password (e.g. a refused mlflow.tracking_uri).
+        shown = re.sub(r"(://[^:/@\s]*:)[^/\s]+@", r"\1***@", repr(err["input"])) if shown_input else ""
+        lines.append(f"  {key}: {message}" + (f" (got {shown})" if shown_input else ""))
     return "\n".join(lines)
 
 

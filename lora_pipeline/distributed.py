@@ -35,11 +35,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_pipeline.config import PipelineConfig, TrainConfig
+from lora_pipeline.tracking import mask_secrets
 
 if TYPE_CHECKING:
     from lora_pipeline.tracking import TrackingRun
 
 logger = logging.getLogger(__name__)
+
+
+#: How a tracking URI that holds credentials reaches the ranks (environment, not argv: ``ps`` shows argv).
+TRACKING_URI_ENV = "LORA_PIPELINE_TRACKING_URI"
 
 
 class DistributedTrainingError(RuntimeError):
@@ -98,11 +103,11 @@ def launcher_command(train: TrainConfig, machine_rank: int = 0, rdzv_id: str = "
             "-m", "lora_pipeline.distributed"]
 
 
-def _run_logged(command: list[str], log_path: Path) -> int:
+def _run_logged(command: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> int:
     """Run ``command`` with its output streamed to ``log_path``; returns the exit code."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(extra_env or {})}
     with log_path.open("w") as log:
-        log.write("launch: " + " ".join(command) + "\n")
+        log.write("launch: " + mask_secrets(" ".join(command)) + "\n")
         log.flush()
         # Streamed to a file, not a pipe: a chatty rank can never block on a full pipe buffer.
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
@@ -136,8 +141,13 @@ def launch_training(
         "--config-json", str(config_json), "--tokenized", str(tokenized_path), "--run-dir", str(run_dir),
         "--checkpoint-dir", str(checkpoint_dir), "--result-json", str(result_json),
     ]
+    child_env = {}
     if run:
-        worker_args += ["--tracking-uri", run.tracking_uri, "--run-id", run.run_id]
+        worker_args += ["--run-id", run.run_id]
+        if mask_secrets(run.tracking_uri) == run.tracking_uri:
+            worker_args += ["--tracking-uri", run.tracking_uri]
+        else:  # credentials in the URI (from MLFLOW_TRACKING_URI): never on a command line, in a log or a file
+            child_env[TRACKING_URI_ENV] = run.tracking_uri
     # The checkpoint directory is output_dir/checkpoints/<run key> (stages.train): one rendezvous per run key.
     rdzv_id = rendezvous_id(checkpoint_dir.name)
     command = [*launcher_command(cfg.train, 0, rdzv_id), *worker_args]
@@ -152,7 +162,7 @@ def launch_training(
     else:
         logger.info("launching %d training processes (log: %s)", cfg.train.num_processes, log_path)
     try:
-        returncode = _run_logged(command, log_path)
+        returncode = _run_logged(command, log_path, child_env)
     finally:
         if announcement is not None:
             announcement.unlink(missing_ok=True)  # a machine started later must not join a finished job
@@ -264,8 +274,11 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     cfg = PipelineConfig.model_validate(json.loads(args.config_json.read_text()))
     sink = None
-    if rank == 0 and args.tracking_uri and args.run_id:
-        sink = partial(tracking.log_step_metrics, args.tracking_uri, args.run_id)
+    # A URI with credentials comes through the environment (from the launching machine, or this machine's
+    # own MLFLOW_TRACKING_URI when it joined), never through the command line.
+    tracking_uri = args.tracking_uri or os.environ.get(TRACKING_URI_ENV) or os.environ.get("MLFLOW_TRACKING_URI")
+    if rank == 0 and tracking_uri and args.run_id:
+        sink = partial(tracking.log_step_metrics, tracking_uri, args.run_id)
     result = train_qlora(cfg, args.tokenized, args.run_dir, metrics_sink=sink, checkpoint_dir=args.checkpoint_dir)
     checksums = _gather_checksums(result.adapter_checksum)
     agree = len(set(checksums)) == 1

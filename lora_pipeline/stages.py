@@ -205,7 +205,8 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
 
     Checkpoints live in ``output_dir/checkpoints/<run_key>``: a Prefect retry, or a new run of the same
     config on the same data, resumes from the last intact one; any change of either starts afresh.
-    ``train.num_processes > 1`` launches the ranks with torchrun (see :mod:`lora_pipeline.distributed`);
+    ``train.num_processes > 1`` or ``train.num_machines > 1`` launches the ranks with torchrun (see
+    :mod:`lora_pipeline.distributed`);
     per-step metrics go to the MLflow ``run`` (from rank 0 only).
     """
     from contextlib import nullcontext
@@ -218,7 +219,7 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
     monitor = tracking.system_metrics(run.tracking_uri, run.run_id, cfg.mlflow.system_metrics_interval) \
         if run else nullcontext()
     with monitor:
-        if cfg.train.num_processes > 1:
+        if cfg.train.distributed:
             trained = launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, run)
         else:
             sink = partial(tracking.log_step_metrics, run.tracking_uri, run.run_id) if run else None

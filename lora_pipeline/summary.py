@@ -44,9 +44,11 @@ class RunSummary:
         try:
             yield
         except BaseException as exc:
+            from lora_pipeline.tracking import mask_secrets  # local: the summary itself needs no MLflow
+
             record["status"] = "failed"
             self.status = "failed"
-            self.error = f"{name}: {type(exc).__name__}: {exc}"
+            self.error = mask_secrets(f"{name}: {type(exc).__name__}: {exc}")
             raise
         else:
             record["status"] = "completed"
@@ -114,8 +116,10 @@ def final_metrics(results: dict[str, Any]) -> dict[str, float]:
 def code_version(source_dir: Path | None = None) -> str:
     """Git commit of the pipeline's source (``+dirty`` with uncommitted changes); ``unknown`` outside git.
 
-    Recorded as the ``git_commit`` lineage tag, so a model version names the code that trained it.
+    Recorded as the ``git_commit`` lineage tag, so a model version names the code that trained it. Where
+    the source is not a git checkout (a container image), ``LORA_PIPELINE_GIT_COMMIT`` names it.
     """
+    import os
     import subprocess
 
     where = str(source_dir or Path(__file__).resolve().parents[1])
@@ -125,5 +129,5 @@ def code_version(source_dir: Path | None = None) -> str:
         dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("LORA_PIPELINE_GIT_COMMIT") or "unknown"
     return f"{commit}+dirty" if dirty else commit

@@ -30,6 +30,8 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
+from lora_pipeline.redaction import redact
+
 if TYPE_CHECKING:
     from lora_pipeline.config import MlflowConfig
 
@@ -104,6 +106,7 @@ def mask_secrets(text: str) -> str:
     Returns:
         The text with each secret replaced by ``***``; everything else unchanged.
     """
+    text = redact(text)  # values known to be secret (environment, Prefect Secret blocks)
     text = _URI_PASSWORD.sub(rf"\g<head>{MASK}@", text)
     text = _SECRET_QUERY.sub(rf"\g<head>{MASK}", text)
     text = _BEARER.sub(rf"\g<head>{MASK}", text)

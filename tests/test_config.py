@@ -145,3 +145,17 @@ def test_run_overrides_are_typed_and_refuse_what_names_a_place_or_code():
     worker = {"LORA_PIPELINE_OVERRIDES": '["train.max_steps=70", "lora.r=2"]'}
     cfg = load_run_config("configs/demo.yaml", RunOverrides(lora_r=8), environ=worker)
     assert (cfg.train.max_steps, cfg.lora.r) == (70, 8)
+
+
+def test_credentials_never_come_from_a_config_file():
+    """A password in mlflow.tracking_uri is refused (without echoing it); secrets.env names blocks, not values."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["mlflow.tracking_uri=https://bob:hunter22@mlflow.example"])
+    assert "MLFLOW_TRACKING_PASSWORD" in str(refused.value) and "hunter22" not in str(refused.value)
+    assert load_config(None, ["mlflow.tracking_uri=https://mlflow.example:5000/a@b"]).mlflow.tracking_uri
+    cfg = load_config(None, ["secrets.env.HF_TOKEN=hf-token", "secrets.env.MLFLOW_TRACKING_PASSWORD=mlflow-pw"])
+    assert cfg.secrets.env == {"HF_TOKEN": "hf-token", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw"}
+    with pytest.raises(ConfigError, match="not a Prefect block name"):
+        load_config(None, ["secrets.env.HF_TOKEN=hf_AbCdEfGhIjKlMnOp"])  # a token pasted in place of a block name
+    with pytest.raises(ConfigError, match="not an environment variable name"):
+        load_config(None, ["secrets.env.hf-token=hf-token"])

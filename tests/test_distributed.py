@@ -90,3 +90,36 @@ def test_accelerate_config_switches_the_launcher(tiny_model_dir, tmp_path, monke
     assert command[command.index("--module") + 1] == "lora_pipeline.distributed"
     assert result["metrics"]["world_size"] == 4.0
     assert (tmp_path / "run" / "distributed.log").read_text().startswith("launch: ")
+
+
+def test_a_tracking_uri_with_credentials_reaches_the_ranks_through_the_environment_only(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    """Not on the torchrun command line (``ps`` shows it), not in distributed.log, not in any file of the run."""
+    from lora_pipeline import distributed
+    from lora_pipeline.tracking import TrackingRun
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path}", "data.path=rows.jsonl",
+                             "train.num_processes=2"])
+    launched: list[tuple[list[str], dict]] = []
+
+    def fake_run(command, env=None, **kwargs):
+        launched.append((command, env))
+        result_json = Path(command[command.index("--result-json") + 1])
+        result_json.write_text(json.dumps({"adapter_dir": "a", "metrics": {"world_size": 2.0}}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    secret_uri = "https://alice:pa55-canary@mlflow.internal"
+    distributed.launch_training(cfg, tmp_path / "t.jsonl", tmp_path / "run", tmp_path / "ckpt",
+                                TrackingRun(tracking_uri=secret_uri, run_id="r1"))
+    (command, env), = launched
+    assert "pa55-canary" not in " ".join(command) and "--tracking-uri" not in command
+    assert env[distributed.TRACKING_URI_ENV] == secret_uri and command[command.index("--run-id") + 1] == "r1"
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or b"pa55-canary" not in path.read_bytes(), path
+    launched.clear()  # without credentials the URI is an ordinary argument, as before
+    distributed.launch_training(cfg, tmp_path / "t.jsonl", tmp_path / "run", tmp_path / "ckpt",
+                                TrackingRun(tracking_uri="http://127.0.0.1:5000", run_id="r1"))
+    (command, env), = launched
+    assert command[command.index("--tracking-uri") + 1] == "http://127.0.0.1:5000"
+    assert distributed.TRACKING_URI_ENV not in env

@@ -131,7 +131,7 @@ def test_flow_runs_every_stage_and_registers(prefect_api, small_config, tmp_path
     assert version.description.startswith("Gate PASSED. PASS: task gain") and run.info.run_id in version.description
     gate_report = read_artifact("gate-e2e-tiny")
     assert gate_report.startswith("# Gate PASSED: e2e-tiny") and "| task_exact_match |" in gate_report
-    assert "task_exact_match" in read_artifact("comparison-e2e-tiny")
+    assert "task_exact_match" in read_artifact("gate-comparison-e2e-tiny")
     assert version.tags["store"] == "merged" and version.tags["base_fingerprint"].startswith("sha256:")
 
     outputs = run_dir.parents[1]
@@ -375,3 +375,96 @@ def test_a_transient_failure_is_retried_by_the_task_and_a_permanent_one_is_not(p
     with as_worker(small_config), pytest.raises(KeyError):
         promote(model_name="e2e-tiny", version="1", reason="bug", config_path=str(small_config))
     assert len(attempts) == 1  # permanent: not retried
+
+
+def test_the_evaluate_flow_rescores_a_version_against_the_champion_and_tags_the_decision(prefect_api, small_config):
+    """Runs after the flows above: e2e-tiny has versions 1 (merged) and 2, one of them champion."""
+    from flows.evaluate import evaluate_version
+    from mlflow import MlflowClient
+
+    from lora_pipeline.promotion import version_by_alias
+
+    uri = f"sqlite:///{small_config.parent / 'outputs' / 'mlflow.db'}"
+    champion = version_by_alias(uri, "e2e-tiny", "champion")
+    challenger = "1" if champion != "1" else "2"
+    with as_worker(small_config, ["gate.min_task_gain=-1.0", "gate.champion_tolerance=1.0"]):
+        summary = evaluate_version(model_name="e2e-tiny", version=challenger, config_path=str(small_config))
+    assert summary["status"] == "completed" and summary["champion"] == champion
+    assert set(summary["eval"]) == {"base", f"v{challenger}", "champion"}
+    assert set(summary["eval"][f"v{challenger}"]) == set(summary["eval"]["champion"])
+    assert any("vs champion" in reason for reason in summary["gate"]["reasons"])
+    tags = MlflowClient(uri, registry_uri=uri).get_model_version("e2e-tiny", challenger).tags
+    assert tags["rescore_vs_champion"] == champion and tags["rescore_gate_passed"] == str(summary["gate"]["passed"])
+    assert tags["rescore_mlflow_run_id"] == summary["mlflow_run_id"]
+    assert version_by_alias(uri, "e2e-tiny", "champion") == champion  # judging is not promoting
+    assert read_artifact("rescore-e2e-tiny").startswith(f"# Gate {'PASSED' if summary['gate']['passed'] else 'REJECTED'}"
+                                                        f": e2e-tiny version {challenger}")
+    run = MlflowClient(uri).get_run(summary["mlflow_run_id"])
+    assert f"eval/v{challenger}/task_exact_match" in run.data.metrics
+
+
+def test_a_secret_block_reaches_the_run_environment_and_never_its_logs_summary_notices_or_mlflow(
+        prefect_api, alerts, small_config, tmp_path, monkeypatch):
+    """``secrets.env`` names a Prefect Secret block; the run sees its value in its environment, and the value
+    is redacted wherever the run writes: Prefect logs (a traceback included), the summary, the failure notice,
+    MLflow params and tags, and every file under output_dir."""
+    import os
+    import uuid
+
+    from mlflow import MlflowClient
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from lora_pipeline import stages
+    from lora_pipeline.redaction import forget_secrets
+
+    canary = f"canary-{uuid.uuid4().hex}"
+    Secret(value=canary).save("e2e-canary", overwrite=True)
+    seen = {}
+
+    def leaky_stage(*args, **kwargs):  # a stage that uses the credential and then fails with it in the error
+        from prefect import get_run_logger
+
+        seen["value"] = os.environ.get("LP_TEST_DB_PASSWORD")
+        get_run_logger().warning("connecting with password %s", seen["value"])  # shipped to the Prefect API
+        raise RuntimeError(f"login refused: postgresql://svc:{seen['value']}@db.internal/x (password {seen['value']})")
+
+    monkeypatch.setattr(stages, "validate_data", leaky_stage)
+    summary_path = tmp_path / "summary.json"
+    alerts.clear()
+    try:
+        with pytest.raises(RuntimeError):
+            run_flow(small_config, NOTIFY, "secrets.env.LP_TEST_DB_PASSWORD=e2e-canary", "registry.model_name=e2e-secret",
+                     summary_json=summary_path)
+        assert seen["value"] == canary  # the block's value was in the run's environment
+    finally:
+        os.environ.pop("LP_TEST_DB_PASSWORD", None)
+        forget_secrets()
+    summary = json.loads(summary_path.read_text())
+    assert canary not in summary_path.read_text() and "password ***" in summary["error"]
+    (message,) = alerts
+    assert canary not in json.dumps(message) and "password ***" in message["body"]
+
+    async def logs():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["flow_run_id"]])))
+
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + 30  # the API log handler ships records in batches
+    while not any("connecting with password" in log.message for log in asyncio.run(logs())):
+        assert time.monotonic() < deadline, "the run's logs never reached the Prefect API"
+        time.sleep(1)
+    messages = [log.message for log in asyncio.run(logs())]
+    assert any("connecting with password ***" in line for line in messages), messages
+    assert any("Traceback" in line for line in messages)  # the failure's traceback was logged ...
+    assert not [line for line in messages if canary in line]  # ... redacted, like every other line
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert canary not in json.dumps([run.data.params, run.data.tags])
+    assert run.data.params["secrets.env.LP_TEST_DB_PASSWORD"] == "***"  # a secret-looking key: even the block name
+    for path in (small_config.parent / "outputs").rglob("*"):
+        if path.is_file():
+            assert canary.encode() not in path.read_bytes(), path

@@ -19,6 +19,7 @@ def test_stages_are_timed_and_failures_recorded(tmp_path):
     assert all(isinstance(s["seconds"], float) for s in saved["stages"])
     assert saved["status"] == "failed"
     assert "bad rows" in saved["error"]
+    assert summary.failed_stage == "second"  # what a failure notice names
 
 
 def test_run_dirs_are_per_flow_run_and_under_output_dir(tmp_path):

@@ -148,6 +148,11 @@ def test_code_version_is_the_git_commit_or_unknown(tmp_path):
     from lora_pipeline.summary import code_version
 
     assert code_version(tmp_path) == "unknown"  # not a git checkout
+    os.environ["LORA_PIPELINE_GIT_COMMIT"] = "f" * 40  # a container image names its commit
+    try:
+        assert code_version(tmp_path) == "f" * 40
+    finally:
+        del os.environ["LORA_PIPELINE_GIT_COMMIT"]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "a.txt").write_text("1")
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]

@@ -1,0 +1,90 @@
+"""Secret values this process knows of, and the one place that removes them from text and log records.
+
+Secrets (a hub token, MLflow credentials, a database URL) reach a run from its environment: the worker's,
+or Prefect Secret blocks the flow loads into it (``secrets.env`` in the config names the blocks, never
+the values). Every value that arrives that way is registered here, and from then on:
+
+- :func:`redact` replaces it in any text (the summary's error, notices, tags, params: see
+  ``tracking.mask_secrets``, which calls it);
+- :func:`install_log_redaction` makes every log record of the process (Prefect's logs shipped to its API,
+  MLflow's, ours) carry the redacted message.
+
+The environment variables in :data:`SECRET_ENV_VARS` are registered on installation too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+
+MASK = "***"
+#: Environment variables that hold credentials for the services this pipeline talks to.
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PREFECT_API_KEY", "DATABASE_URL",
+                   "LORA_PIPELINE_POSTGRES_URL")
+#: Shorter values are not redacted: replacing "1" or "abc" everywhere would garble every text.
+MIN_SECRET_LENGTH = 6
+
+_known: set[str] = set()
+_lock = threading.Lock()
+_installed = False
+
+
+def register_secret(value: str | None) -> None:
+    """Redact ``value`` from now on (values shorter than :data:`MIN_SECRET_LENGTH` are ignored)."""
+    if value and len(value) >= MIN_SECRET_LENGTH:
+        with _lock:
+            _known.add(value)
+
+
+def register_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Register the values of :data:`SECRET_ENV_VARS` present in ``environ`` (default: this process's)."""
+    environ = os.environ if environ is None else environ
+    for name in SECRET_ENV_VARS:
+        register_secret(environ.get(name))
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret value replaced by ``***`` (longest first: no partial leftovers)."""
+    with _lock:
+        known = sorted(_known, key=len, reverse=True)
+    for value in known:
+        if value in text:
+            text = text.replace(value, MASK)
+    return text
+
+
+def install_log_redaction() -> None:
+    """Redact registered secrets from every log record created in this process from now on (idempotent).
+
+    A log record factory, not a handler filter: it covers every logger and every handler (Prefect's API
+    log handler included), also those added later.
+    """
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    register_environment()
+    make_record = logging.getLogRecordFactory()
+
+    def redacting_record(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if _known:
+            message = record.getMessage()
+            cleaned = redact(message)
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
+            if record.exc_info and not record.exc_text:  # the traceback, formatted once, redacted
+                record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    logging.setLogRecordFactory(redacting_record)
+
+
+def forget_secrets() -> None:
+    """Forget every registered value (tests)."""
+    with _lock:
+        _known.clear()
