@@ -162,6 +162,11 @@ def _deploy(args: argparse.Namespace) -> int:
     return subprocess.run(deploy_command(args.name), cwd=REPO_ROOT, check=False).returncode
 
 
+#: `lora-pipeline run` exit codes: 0 passed and registered; 1 a stage failed; 2 bad config or inputs;
+#: 3 the run completed but the gate rejected the candidate (a scheduler can tell "no better model" from a fault).
+GATE_REJECTED_EXIT = 3
+
+
 def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     problems = missing_inputs(cfg)
     if problems:
@@ -196,6 +201,11 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         "registered_model": registered,
         "registry": summary.get("registry", {}),
     }, indent=2))
+    if not summary["gate"]["passed"]:
+        failed = [reason for reason in summary["gate"]["reasons"] if reason.startswith("FAIL")]
+        print("gate rejected the candidate (registered as an adapter, no alias moved): " + "; ".join(failed),
+              file=sys.stderr)
+        return GATE_REJECTED_EXIT
     return 0
 
 

@@ -39,7 +39,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name_or_path: str = Field(BUILTIN_DEMO, description="Local model dir, hub id, or builtin:demo.")
     revision: str | None = Field(None, description="Hub revision (commit/tag) to pin.")
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code (needs a pinned revision).")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code (needs model.revision to be a "
+                                    "full 40-hex commit).")
     chat_template: Literal["tokenizer", "chatml", "llama3", "alpaca"] = Field(
         "tokenizer",
         description="Prompt format: tokenizer = keep the tokenizer's own template; or a named template from "
@@ -48,8 +49,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _remote_code_needs_revision(self) -> ModelConfig:
-        if self.trust_remote_code and not self.revision:
-            raise ValueError("model.trust_remote_code=true requires a pinned model.revision")
+        # A branch or tag can move after review; only a full commit hash pins the code that will run.
+        if self.trust_remote_code and not re.fullmatch(r"[0-9a-f]{40}", self.revision or ""):
+            raise ValueError("model.trust_remote_code=true requires model.revision to be a full 40-character commit "
+                             f"hash (the reviewed code), got {self.revision!r}")
         return self
 
 

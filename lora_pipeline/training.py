@@ -152,6 +152,7 @@ class _MetricsCallback(TrainerCallback):
 
     def __init__(self, sink: MetricsSink | None) -> None:
         self.sink = sink
+        self.sink_failures = 0
         self.history: list[dict[str, float]] = []
         self._started: tuple[float, int] | None = None  # (time, step) when this session began
 
@@ -176,7 +177,12 @@ class _MetricsCallback(TrainerCallback):
         logger.info("step %d/%d (ETA %s) %s", state.global_step, state.max_steps, self._eta(state),
                     " ".join(f"{k}={v:.4g}" for k, v in numeric.items()))
         if self.sink is not None:
-            self.sink(numeric, state.global_step)
+            try:
+                self.sink(numeric, state.global_step)
+            except Exception as exc:  # noqa: BLE001 - a tracking server's hiccup must never stop training
+                self.sink_failures += 1
+                logger.warning("metrics for step %d not logged (%s: %s); training goes on", state.global_step,
+                               type(exc).__name__, exc)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -329,6 +335,8 @@ def train_qlora(
         losses = [entry["loss"] for entry in history if "loss" in entry]
         train_loss, seconds, tokens, global_step = (sum(losses) / len(losses) if losses else 0.0), 0.0, 0.0, resumed_from
     else:
+        # Read before training: save_total_limit may rotate the resumed-from checkpoint away meanwhile.
+        tokens_before = _tokens_seen_at(resume)
         started = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - started
@@ -337,7 +345,7 @@ def train_qlora(
             tokenizer.save_pretrained(str(adapter_dir))
         checksum = tensors_checksum({n: p for n, p in trainer.model.named_parameters() if p.requires_grad})
         # The restored state already counts the resumed-from steps' tokens: rate this session's only.
-        tokens = float(trainer.state.num_input_tokens_seen or 0) - _tokens_seen_at(resume)
+        tokens = float(trainer.state.num_input_tokens_seen or 0) - tokens_before
         losses = [h["loss"] for h in callback.history if "loss" in h]
         train_loss, global_step = float(output.training_loss), trainer.state.global_step
     metrics = {

@@ -71,8 +71,15 @@ def test_killed_training_resumes_from_its_last_checkpoint(setup, uninterrupted, 
     assert [p.name for p in checkpoints.iterdir() if p.is_dir()] == ["checkpoint-4"]
 
     logged: list[int] = []
+
+    def flaky_tracking_server(metrics, step):
+        if "loss" in metrics:
+            logged.append(step)
+        if step == 6:
+            raise ConnectionError("tracking server 503")  # a metrics sink that fails never stops training
+
     resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints,
-                          metrics_sink=lambda metrics, step: "loss" in metrics and logged.append(step))
+                          metrics_sink=flaky_tracking_server)
     assert resumed.metrics["resumed_from_step"] == 4 and resumed.metrics["global_step"] == 8
     assert logged == [5, 6, 7, 8]  # per-step losses: the global step continues, it does not restart
     # Same final adapter as a run that was never interrupted: the optimizer moments, scheduler, RNG
@@ -82,6 +89,27 @@ def test_killed_training_resumes_from_its_last_checkpoint(setup, uninterrupted, 
     assert straight.keys() == after_resume.keys()
     for name, tensor in straight.items():
         torch.testing.assert_close(after_resume[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_resumed_run_outlives_the_rotation_of_the_checkpoint_it_resumed_from(setup, tmp_path):
+    """Killed after checkpoint-2, resumed: checkpoints 4, 6 and 8 follow and save_total_limit (2) rotates
+    checkpoint-2 away mid-run. The end of the run once read that checkpoint again (FileNotFoundError, hidden
+    by a task retry); it must succeed on its first attempt."""
+    cfg, tokenized, _ = setup
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": 2})})
+    checkpoints = tmp_path / "ckpt"
+    config_json = tmp_path / "config.json"
+    config_json.write_text(cfg.model_dump_json())
+    killed = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.train_then_die", str(config_json), str(tokenized),
+         str(tmp_path / "run1"), str(checkpoints), "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints)
+    assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["global_step"] == 8
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-6", "checkpoint-8"]
+    assert resumed.metrics["tokens_per_second"] > 0  # this session's tokens, counted from checkpoint-2
 
 
 def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_used(setup, uninterrupted, tmp_path):

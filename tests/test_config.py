@@ -159,3 +159,12 @@ def test_credentials_never_come_from_a_config_file():
         load_config(None, ["secrets.env.HF_TOKEN=hf_AbCdEfGhIjKlMnOp"])  # a token pasted in place of a block name
     with pytest.raises(ConfigError, match="not an environment variable name"):
         load_config(None, ["secrets.env.hf-token=hf-token"])
+
+
+def test_remote_code_runs_only_at_a_full_commit_hash():
+    """A branch or tag can move after review; only a 40-hex commit pins the code trust_remote_code runs."""
+    for revision in ("main", "v1.0", "abc123"):
+        with pytest.raises(ConfigError, match="full 40-character commit"):
+            load_config(None, ["model.trust_remote_code=true", f"model.revision={revision}"])
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert load_config(None, ["model.trust_remote_code=true", f"model.revision={commit}"]).model.revision == commit

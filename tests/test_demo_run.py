@@ -100,7 +100,9 @@ def overtrained(demo):
     root, cwd, _ = demo
     summary_path = root / "overtrained.json"
     proc = _run_demo(root / "outputs", summary_path, cwd, "--set", "train.learning_rate=1e-2")
-    assert proc.returncode == 0, f"over-trained run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # Its own exit code: the run completed, the gate said no (not 0, not a failure's 1).
+    assert proc.returncode == 3, f"over-trained run:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "gate rejected the candidate" in proc.stderr
     return json.loads(summary_path.read_text())
 
 
