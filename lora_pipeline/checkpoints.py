@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +73,13 @@ def _step(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def latest_valid_checkpoint(checkpoint_root: Path) -> Path | None:
+def latest_valid_checkpoint(checkpoint_root: Path, set_aside: bool = True) -> Path | None:
     """The newest intact checkpoint under ``checkpoint_root``; newer broken ones are moved aside.
 
     Args:
         checkpoint_root: The Trainer's ``output_dir`` for this run key (``checkpoint-N`` folders).
+        set_aside: Move broken ones aside (rank 0 only: under DDP every rank chooses, and ranks moving the
+            same directory at once would race; the others skip broken ones and choose the same checkpoint).
 
     Returns:
         The checkpoint to resume from, or None (start from scratch).
@@ -87,6 +91,8 @@ def latest_valid_checkpoint(checkpoint_root: Path) -> Path | None:
         problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate
+        if not set_aside:
+            continue
         aside = checkpoint_root / SET_ASIDE_DIRNAME / f"{candidate.name}-{problem}-{time.strftime('%Y%m%dT%H%M%S')}"
         aside.parent.mkdir(exist_ok=True)
         os.replace(candidate, aside)
@@ -100,3 +106,27 @@ class ManifestCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             write_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+@contextmanager
+def exclusive_run_key(checkpoint_root: Path) -> Iterator[None]:
+    """Hold the run key's lock (``<checkpoint_root>.lock``, an OS file lock) while training it.
+
+    Two runs of the same training (same run key) share one checkpoint directory: without the lock their
+    checkpoints would interleave. The second run waits, then finds the first one's checkpoints and
+    resumes from (or reuses) them. The OS drops the lock when its holder dies, so a killed run never
+    blocks the next one.
+    """
+    import fcntl
+
+    checkpoint_root.parent.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_root.with_name(checkpoint_root.name + ".lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another run is training run key %s: waiting for it to finish", checkpoint_root.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--follow-seconds", type=float, default=10.0,
                        help="check the alias this often and swap to a newly promoted version without dropping "
                        "requests (0: keep serving the version loaded at start)")
+    serve.add_argument("--max-queue", type=int, default=32,
+                       help="requests admitted at once (one generates, the rest wait); more get 429")
     _add_config_args(serve)
     deploy = commands.add_parser(
         "deploy", help="register the deployments of prefect.yaml with the Prefect API (wraps `prefect deploy`)")
@@ -118,9 +120,21 @@ def _aliases(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 
 
 def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
+    import ipaddress
+
     import uvicorn
 
-    from lora_pipeline.serving import AliasFollower, build_app
+    from lora_pipeline.serving import API_KEY_ENV, AliasFollower, build_app
+
+    api_key = os.environ.get(API_KEY_ENV) or None
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:  # a host name: it may resolve beyond this machine
+        loopback = False
+    if not loopback and api_key is None:
+        print(f"error: serving on {args.host} (beyond this machine) needs an API key: export {API_KEY_ENV}; clients "
+              "then send Authorization: Bearer <key>", file=sys.stderr)
+        return 2
 
     for key, value in _PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -136,7 +150,8 @@ def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     print(f"serving {args.model} (version {version}) on http://{args.host}:{args.port}{following}", flush=True)
     if args.follow_seconds > 0:
         source.follow(args.follow_seconds)
-    uvicorn.run(build_app(source, args.model), host=args.host, port=args.port, log_level="info")
+    app = build_app(source, args.model, max_queue=args.max_queue, api_key=api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -28,11 +28,17 @@ logger = logging.getLogger(__name__)
 
 #: Generation budget when a request does not say (OpenAI's completions default is 16).
 DEFAULT_MAX_TOKENS = 64
+#: Requests admitted at once (generating or waiting for the model) before the server answers 429.
+DEFAULT_MAX_QUEUE = 32
+#: Longest text accepted in one field: far beyond any context window, short enough to tokenize quickly.
+MAX_TEXT_CHARS = 200_000
+#: The API key `serve` requires (``Authorization: Bearer <key>``) when set; needed to bind beyond loopback.
+API_KEY_ENV = "LORA_PIPELINE_SERVE_API_KEY"
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class _SamplingRequest(BaseModel):
@@ -46,11 +52,15 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+
+
+class PromptTooLong(ValueError):
+    """The prompt and the requested completion do not fit the model's context window."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,15 @@ class TextGenerator:
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
         self._lock = threading.Lock()  # one generate() at a time: the model is shared
+        config = getattr(model, "config", None)
+        self.context_window: int | None = getattr(config, "max_position_embeddings", None)
+
+    def check_fits(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Raise :class:`PromptTooLong` when prompt + completion exceed the context window (as OpenAI does)."""
+        if self.context_window is not None and len(prompt_ids) + max_tokens > self.context_window:
+            raise PromptTooLong(f"this model's context window is {self.context_window} tokens; the request needs "
+                                f"{len(prompt_ids) + max_tokens} ({len(prompt_ids)} in the prompt, {max_tokens} "
+                                "in the completion): shorten the prompt or lower max_tokens")
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return encode_generation_prompt(self.tokenizer, messages)  # exactly as evaluation prompts
@@ -134,45 +153,74 @@ class FixedModel:
         return self._served
 
 
-def build_app(source: ModelSource, model_name: str) -> Any:
+def build_app(source: ModelSource, model_name: str, *, max_queue: int = DEFAULT_MAX_QUEUE,
+              api_key: str | None = None) -> Any:
     """The FastAPI app serving ``source`` under ``model_name`` (what ``/v1/models`` and replies report).
 
     Each request takes ``source.current()`` once, so a model swapped in while it runs never answers
-    half of it: requests in flight finish on the model they started with.
+    half of it: requests in flight finish on the model they started with. At most ``max_queue``
+    requests are admitted at once (one generates, the rest wait for the model); more get 429 with
+    ``Retry-After``. A prompt that does not fit the context window gets 400 saying so. With ``api_key``,
+    every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (``/health`` stays open for probes).
     """
-    from fastapi import FastAPI, HTTPException
+    import hmac
+    from contextlib import contextmanager
+
+    from fastapi import Depends, FastAPI, Header, HTTPException
+
+    admission = threading.BoundedSemaphore(max_queue)
+
+    def authorized(authorization: str | None = Header(default=None)) -> None:
+        if api_key is not None and not hmac.compare_digest(authorization or "", f"Bearer {api_key}"):
+            raise HTTPException(status_code=401, detail="missing or wrong API key (Authorization: Bearer <key>)",
+                                headers={"WWW-Authenticate": "Bearer"})
 
     app = FastAPI(title="lora-pipeline model server", version="1")
+    guarded = [Depends(authorized)]
 
-    def refuse_streaming(request: _SamplingRequest) -> None:
+    @contextmanager
+    def admitted(request: _SamplingRequest):
         if request.stream:
             raise HTTPException(status_code=400, detail="stream=true is not supported by this server; "
                                 "send stream=false (or serve with vLLM for streaming)")
+        if not admission.acquire(blocking=False):
+            raise HTTPException(status_code=429, detail=f"busy: {max_queue} requests are already queued; retry "
+                                "shortly", headers={"Retry-After": "1"})
+        try:
+            yield
+        except PromptTooLong as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        finally:
+            admission.release()
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, **source.current().info}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=guarded)
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "lora-pipeline"}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=guarded)
     def completions(request: CompletionRequest) -> dict[str, Any]:
-        refuse_streaming(request)
-        generator = source.current().generator
-        result = generator.generate(generator.text_prompt_ids(request.prompt), request)
+        with admitted(request):
+            generator = source.current().generator
+            prompt_ids = generator.text_prompt_ids(request.prompt)
+            generator.check_fits(prompt_ids, request.max_tokens)
+            result = generator.generate(prompt_ids, request)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
                 "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
                              "logprobs": None}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=guarded)
     def chat_completions(request: ChatCompletionRequest) -> dict[str, Any]:
-        refuse_streaming(request)
-        messages = [message.model_dump() for message in request.messages]
-        generator = source.current().generator
-        result = generator.generate(generator.chat_prompt_ids(messages), request)
+        with admitted(request):
+            messages = [message.model_dump() for message in request.messages]
+            generator = source.current().generator
+            prompt_ids = generator.chat_prompt_ids(messages)
+            generator.check_fits(prompt_ids, request.max_tokens)
+            result = generator.generate(prompt_ids, request)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
                 # lstrip: SentencePiece-style tokenizers decode the first answer token with its prefix space.

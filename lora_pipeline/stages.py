@@ -204,7 +204,8 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
     """QLoRA-train the adapter; returns its directory and the training metrics.
 
     Checkpoints live in ``output_dir/checkpoints/<run_key>``: a Prefect retry, or a new run of the same
-    config on the same data, resumes from the last intact one; any change of either starts afresh.
+    config on the same data, resumes from the last intact one; any change of either starts afresh. Two
+    runs of one run key at once are serialised by a lock beside that directory.
     ``train.num_processes > 1`` or ``train.num_machines > 1`` launches the ranks with torchrun (see
     :mod:`lora_pipeline.distributed`);
     per-step metrics go to the MLflow ``run`` (from rank 0 only).
@@ -213,12 +214,13 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
     from functools import partial
 
     from lora_pipeline import tracking
+    from lora_pipeline.checkpoints import exclusive_run_key
     from lora_pipeline.distributed import launch_training
 
     checkpoint_dir = cfg.output_dir / "checkpoints" / run_key
     monitor = tracking.system_metrics(run.tracking_uri, run.run_id, cfg.mlflow.system_metrics_interval) \
         if run else nullcontext()
-    with monitor:
+    with exclusive_run_key(checkpoint_dir), monitor:  # one run trains a run key at a time
         if cfg.train.distributed:
             trained = launch_training(cfg, tokenized_path, run_dir, checkpoint_dir, run)
         else:

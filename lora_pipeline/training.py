@@ -316,7 +316,7 @@ def train_qlora(
     )
     upcast_trainable_params(trainer.model)
     trainable, total = count_parameters(trainer.model)
-    resume = latest_valid_checkpoint(checkpoint_dir)
+    resume = latest_valid_checkpoint(checkpoint_dir, set_aside=trainer.is_world_process_zero())
     resumed_from = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     if resume:
         logger.info("resuming from %s (step %d of %d)", resume, resumed_from, cfg.train.max_steps)

@@ -151,3 +151,41 @@ def test_rerunning_finished_training_reuses_it(setup, uninterrupted, tmp_path):
     assert again.metrics["resumed_from_step"] == 8 and again.metrics["global_step"] == 8
     for name, tensor in _adapter(uninterrupted[0].adapter_dir).items():
         assert torch.equal(_adapter(again.adapter_dir)[name], tensor), name
+
+
+def test_two_runs_of_one_run_key_take_turns_and_never_interleave_checkpoints(setup, uninterrupted, tmp_path):
+    """While one run holds the run key (the test holds its lock), a second run of the same training waits;
+    once it is released it resumes from the first run's checkpoints instead of writing beside them."""
+    import threading
+
+    from lora_pipeline.checkpoints import exclusive_run_key
+
+    cfg, tokenized, _ = setup
+    checkpoints = tmp_path / "checkpoints" / "same-key"
+    outcome: dict = {}
+
+    def second_run():
+        with exclusive_run_key(checkpoints):
+            outcome["result"] = train_qlora(cfg, tokenized, tmp_path / "second", checkpoint_dir=checkpoints)
+
+    with exclusive_run_key(checkpoints):  # the first run: it "trains" by copying a finished training in
+        waiter = threading.Thread(target=second_run)
+        waiter.start()
+        waiter.join(timeout=3)
+        assert waiter.is_alive() and not checkpoints.exists()  # waiting, nothing written
+        subprocess.run(["cp", "-r", str(uninterrupted[1]), str(checkpoints)], check=True)
+    waiter.join(timeout=600)
+    assert outcome["result"].metrics["resumed_from_step"] == 8  # it found the first run's work finished
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_only_rank_zero_sets_a_broken_checkpoint_aside(uninterrupted, tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    subprocess.run(["cp", "-r", str(uninterrupted[1]), str(checkpoints)], check=True)
+    (checkpoints / "checkpoint-8" / ADAPTER_FILE).write_bytes(b"truncated")
+    # Another rank chooses the same checkpoint and leaves the broken one where it is ...
+    assert latest_valid_checkpoint(checkpoints, set_aside=False) == checkpoints / "checkpoint-4"
+    assert (checkpoints / "checkpoint-8").is_dir() and not (checkpoints / SET_ASIDE_DIRNAME).exists()
+    # ... rank 0 moves it aside.
+    assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
+    assert not (checkpoints / "checkpoint-8").exists()
