@@ -10,8 +10,10 @@ created through the Prefect API from the `finetune` deployment and run by the st
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers.stack import prefect_call, wait_for_flow_run
 
@@ -21,15 +23,26 @@ SAME = "load-same"
 LOCKED_WINDOW = ("train_qlora", "apply_aliases")  # what flows/finetune.py holds the model's slot for
 
 
-def _parameters(config_root, model_name: str, learning_rate: float) -> dict:
+def _parameters(config: Path, model_name: str, learning_rate: float) -> dict:
     # A learning rate per run: a run key per run (the model name is not part of it), so no two runs share a
     # checkpoint directory: this test is about the servers, not about identical runs.
-    return {"config_path": str(config_root / "config.yaml"),
+    return {"config_path": str(config),
             "overrides": {"train_max_steps": 2, "train_learning_rate": learning_rate, "registry_model_name": model_name}}
 
 
 @pytest.fixture(scope="module")
-def load_runs(ops_stack, ops_config_root):
+def load_config_path(ops_config_root) -> Path:
+    """The session's tiny config, lighter still: twelve runs share two cores, and the full-precision base's
+    extra evaluation says nothing about the servers."""
+    config = yaml.safe_load((ops_config_root / "config.yaml").read_text())
+    config["eval"]["full_precision_base"] = False
+    path = ops_config_root / "load.yaml"  # inside the worker's config roots
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def load_runs(ops_stack, load_config_path):
     """Create all twelve runs at once, wait for every one; return their final states and task runs."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
@@ -39,7 +52,7 @@ def load_runs(ops_stack, ops_config_root):
     async def go(client):
         deployment = await client.read_deployment_by_name("finetune/finetune")
         created = [await client.create_flow_run_from_deployment(
-            deployment.id, parameters=_parameters(ops_config_root, name, rate), tags=["load-test"])
+            deployment.id, parameters=_parameters(load_config_path, name, rate), tags=["load-test"])
             for name, rate in runs]
         states = await asyncio.gather(*(wait_for_flow_run(client, run.id, timeout=1500) for run in created))
         logs = {}
