@@ -189,3 +189,38 @@ def test_only_rank_zero_sets_a_broken_checkpoint_aside(uninterrupted, tmp_path):
     # ... rank 0 moves it aside.
     assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
     assert not (checkpoints / "checkpoint-8").exists()
+
+
+class _WritesAMarker:
+    """Unpickling this calls open(marker, "w"): what a hostile checkpoint file would do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin",
+                                  "adapter_model.bin"])
+def test_a_pickle_planted_in_a_checkpoint_never_runs(setup, uninterrupted, tmp_path, name):
+    """An attacker who can write the checkpoint directory (and so its manifest too) plants a pickle whose
+    unpickling would write a marker file: resuming refuses it or ignores it, and the marker never appears."""
+    import pickle
+
+    from lora_pipeline.checkpoints import write_manifest
+
+    cfg, tokenized, _ = setup
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    subprocess.run(["cp", "-r", str(uninterrupted[1] / "checkpoint-4"), str(checkpoints)], check=True)
+    marker = tmp_path / "pwned"
+    (checkpoints / "checkpoint-4" / name).write_bytes(pickle.dumps(_WritesAMarker(marker)))
+    write_manifest(checkpoints / "checkpoint-4")  # the manifest matches: only unpickling could stop it
+    try:
+        result = train_qlora(cfg, tokenized, tmp_path / "run", checkpoint_dir=checkpoints)
+    except Exception as exc:  # refused: torch.load(weights_only=True) rejects the pickle's globals
+        assert "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ + str(exc), exc
+    else:  # ignored: the file is never unpickled (training_args.bin; adapter weights load from safetensors)
+        assert result.metrics["global_step"] == 8
+    assert not marker.exists()
