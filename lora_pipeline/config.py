@@ -56,6 +56,27 @@ class ModelConfig(_Strict):
         return self
 
 
+#: A registered model name: it becomes part of concurrency limits, artifact keys and registry paths.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def no_path_tricks(value: str | None, key: str) -> str | None:
+    """Refuse a path that climbs out (``..``), is URL-encoded (``%2e%2e``) or holds a NUL byte.
+
+    Checked before anything is read or written; where a path may point (the allowed roots) is checked
+    where the roots are known (:mod:`lora_pipeline.run_request`).
+    """
+    if value is None:
+        return None
+    if "\x00" in value:
+        raise ValueError(f"{key} holds a NUL byte")
+    if re.search(r"%[0-9A-Fa-f]{2}", value):
+        raise ValueError(f"{key} must be a plain path, not URL-encoded: {value!r}")
+    if ".." in Path(value).parts:
+        raise ValueError(f"{key} must not climb out of its directory with '..': {value!r}")
+    return value
+
+
 class DataConfig(_Strict):
     path: str | None = Field(
         None, description="Training data: file, dataset dir, hub name or builtin:demo. Unset: builtin:demo with the "
@@ -63,6 +84,11 @@ class DataConfig(_Strict):
     format: Literal["messages", "alpaca", "sharegpt", "prompt_completion", "text"] = Field(
         "messages", description="Row schema of the source; normalised to chat messages."
     )
+
+    @field_validator("path", "eval_path")
+    @classmethod
+    def _plain_paths(cls, value: str | None, info: Any) -> str | None:
+        return no_path_tricks(value, f"data.{info.field_name}")
     eval_path: str | None = Field(
         None, description="Held-out task rows (same format as data.path). Unset: a deterministic held-out split of "
         "data.path (data.eval_fraction), kept out of training; with data.path=builtin:demo, the demo's own eval rows.")
@@ -303,7 +329,9 @@ class MlflowConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    model_name: str = Field("lora-pipeline-demo", min_length=1, description="Registered model name.")
+    model_name: str = Field("lora-pipeline-demo", pattern=MODEL_NAME_PATTERN,
+                            description="Registered model name: letters, digits, '.', '_' and '-' (it names "
+                            "concurrency limits, artifact keys and registry paths).")
     auto_promote: bool = Field(False, description="Move the `champion` alias to a candidate that passed the gate "
                                "(the old champion becomes `previous`); off: promote by hand.")
     store: Literal["merged", "adapter"] = Field(
@@ -359,6 +387,11 @@ class PipelineConfig(_Strict):
     secrets: SecretsConfig = SecretsConfig()
     demo: DemoWorldSpec = DemoWorldSpec()
     output_dir: Path = Field(Path("outputs"), description="Root of all runs; made absolute at load time.")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _plain_output_dir(cls, value: Any) -> Any:
+        return no_path_tricks(value, "output_dir") if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _data_for_the_model(self) -> PipelineConfig:

@@ -9,7 +9,9 @@ worker's environment, which the person clicking "Run" does not control:
 - ``LORA_PIPELINE_CONFIG_ROOTS``: extra directories config files may be read from (``os.pathsep``-separated;
   the repository's ``configs/`` always counts);
 - ``LORA_PIPELINE_OVERRIDES``: ``a.b=c`` overrides as a JSON list, applied before the run's own;
-- ``LORA_PIPELINE_SUMMARY_JSON``: also write the run summary to this path.
+- ``LORA_PIPELINE_SUMMARY_JSON``: also write the run summary to this path;
+- ``LORA_PIPELINE_DATA_ROOTS``: directories a run form's ``data_path`` may point into, besides the config
+  roots (symlinks are resolved first, so a link out of them is refused too).
 
 ``lora-pipeline run`` is its own worker: it puts its ``--config`` directory, ``--set`` overrides and
 ``--summary-json`` in these variables for the flow it runs in-process.
@@ -26,11 +28,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lora_pipeline.config import ConfigError, PipelineConfig, load_config
+from lora_pipeline.config import MODEL_NAME_PATTERN, ConfigError, PipelineConfig, load_config
 
 CONFIG_ROOTS_ENV = "LORA_PIPELINE_CONFIG_ROOTS"
 OVERRIDES_ENV = "LORA_PIPELINE_OVERRIDES"
 SUMMARY_JSON_ENV = "LORA_PIPELINE_SUMMARY_JSON"
+DATA_ROOTS_ENV = "LORA_PIPELINE_DATA_ROOTS"
 #: The repository's own configs: always readable by a run.
 PROJECT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -53,12 +56,14 @@ class RunOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data_path: str | None = Field(None, description="Training data (data.path): a file or dataset the worker can read.")
+    data_path: str | None = Field(None, description="Training data (data.path): a file or dataset directory under the "
+                                  "worker's data roots (LORA_PIPELINE_DATA_ROOTS) or config roots.")
     train_max_steps: int | None = Field(None, gt=0, description="Optimizer steps (train.max_steps).")
     train_learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (train.learning_rate).")
     lora_r: int | None = Field(None, gt=0, description="LoRA rank (lora.r).")
     registry_model_name: str | None = Field(
-        None, min_length=1, description="Registered model name (registry.model_name).")
+        None, pattern=MODEL_NAME_PATTERN, description="Registered model name (registry.model_name): letters, digits, "
+        "'.', '_' and '-'.")
 
     @model_validator(mode="before")
     @classmethod
@@ -100,8 +105,23 @@ def load_run_config(config_path: str | None, overrides: RunOverrides | None,
     path = None
     if config_path is not None:
         path = _readable_config(config_path, config_roots(environ))
+    if overrides is not None and overrides.data_path is not None:
+        _readable_data(overrides.data_path, data_roots(environ))
     worker = json.loads(environ.get(OVERRIDES_ENV, "[]"))
     return load_config(path, [*worker, *(overrides.as_overrides() if overrides else [])])
+
+
+def data_roots(environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """Directories a run form's ``data_path`` may point into: the config roots and ``LORA_PIPELINE_DATA_ROOTS``."""
+    extra = [Path(p).expanduser().resolve() for p in environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p]
+    return [*config_roots(environ), *extra]
+
+
+def _readable_data(data_path: str, roots: list[Path]) -> None:
+    resolved = Path(data_path).expanduser().resolve()  # symlinks and .. resolved before the check
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ConfigError(f"data_path {data_path}: a run may only read data under "
+                          f"{', '.join(str(root) for root in roots)} (the worker sets {DATA_ROOTS_ENV} for more)")
 
 
 def _readable_config(config_path: str, roots: list[Path]) -> Path:

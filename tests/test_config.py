@@ -129,12 +129,13 @@ def test_regression_suites_take_the_short_names_too():
 def test_run_overrides_are_typed_and_refuse_what_names_a_place_or_code():
     from lora_pipeline.run_request import RunOverrides, load_run_config
 
-    allowed = RunOverrides(train_max_steps=50, train_learning_rate=1e-4, lora_r=4, data_path="rows.jsonl",
+    rows = "configs/data/contacts.jsonl"  # relative to the worker's directory (the repository root)
+    allowed = RunOverrides(train_max_steps=50, train_learning_rate=1e-4, lora_r=4, data_path=rows,
                            registry_model_name="m")
-    assert allowed.as_overrides() == ['data.path="rows.jsonl"', "train.max_steps=50", "train.learning_rate=0.0001",
+    assert allowed.as_overrides() == [f'data.path="{rows}"', "train.max_steps=50", "train.learning_rate=0.0001",
                                       "lora.r=4", 'registry.model_name="m"']
     cfg = load_run_config("configs/demo.yaml", allowed, environ={})
-    assert (cfg.train.max_steps, cfg.lora.r, cfg.data.path, cfg.registry.model_name) == (50, 4, "rows.jsonl", "m")
+    assert (cfg.train.max_steps, cfg.lora.r, cfg.data.path, cfg.registry.model_name) == (50, 4, rows, "m")
     with pytest.raises(ValueError, match="a run cannot set model_trust_remote_code: a run form may change only"):
         RunOverrides.model_validate({"model_trust_remote_code": True})
     with pytest.raises(ValueError, match="greater than 0"):
@@ -168,3 +169,30 @@ def test_remote_code_runs_only_at_a_full_commit_hash():
             load_config(None, ["model.trust_remote_code=true", f"model.revision={revision}"])
     commit = "0123456789abcdef0123456789abcdef01234567"
     assert load_config(None, ["model.trust_remote_code=true", f"model.revision={commit}"]).model.revision == commit
+
+
+def test_paths_and_names_that_climb_out_or_hide_are_refused_before_anything_runs(tmp_path):
+    """``..``, URL-encoded forms, paths outside the allowed roots and symlinks out of them; model names that
+    are not plain names. Refused when the config is built: before any read or write."""
+    from lora_pipeline.run_request import DATA_ROOTS_ENV, RunOverrides, load_run_config
+
+    for override, rule in [("output_dir=outputs/../../etc", "climb out"), ("data.path=data/../../x.jsonl", "climb out"),
+                           ("data.eval_path=data/%2e%2e/x.jsonl", "URL-encoded"),
+                           ("output_dir=out%2F..%2Fetc", "URL-encoded"),
+                           ("registry.model_name=../other", "registry.model_name"),
+                           ("registry.model_name=a/b", "registry.model_name")]:
+        with pytest.raises(ConfigError, match=rule):
+            load_config(None, [override])
+    with pytest.raises(ValueError, match="registry_model_name"):
+        RunOverrides(registry_model_name="x%2F..%2Fy")
+    # A run form's data_path: only under the worker's config or data roots, symlinks resolved first.
+    roots = tmp_path / "data-root"
+    roots.mkdir()
+    (roots / "rows.jsonl").write_text("{}\n")
+    (roots / "link-out.jsonl").symlink_to("/etc/hostname")
+    environ = {DATA_ROOTS_ENV: str(roots)}
+    ok = load_run_config("configs/demo.yaml", RunOverrides(data_path=str(roots / "rows.jsonl")), environ=environ)
+    assert ok.data.path == str(roots / "rows.jsonl")
+    for outside in ("/etc/passwd", str(roots / "link-out.jsonl")):
+        with pytest.raises(ConfigError, match="a run may only read data under"):
+            load_run_config("configs/demo.yaml", RunOverrides(data_path=outside), environ=environ)
