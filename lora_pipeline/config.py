@@ -479,6 +479,35 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+#: A config file larger than this is refused unread: a config is a page of YAML, never megabytes.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def yaml_mapping_file(path: Path) -> Any:
+    """Read a YAML config file defensively: size, encoding and nesting are checked, and every problem is one
+    :class:`ConfigError` line naming the file and the rule (never a traceback, never unbounded memory)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ConfigError(f"config file {path} is empty (0 bytes): write the settings to change, or leave "
+                          "--config out for the defaults")
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {size} bytes: a config file is at most {MAX_CONFIG_BYTES} bytes")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise ConfigError(f"config file {path} is binary (it holds NUL bytes), not YAML text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}): save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests deeper than a config can: not a config file") from None
+
+
 def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Load YAML (or defaults when ``path`` is None), apply ``a.b=c`` overrides and validate once.
 
@@ -493,10 +522,7 @@ def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] 
         config_path = Path(path)
         if not config_path.is_file():
             raise ConfigError(f"config file not found: {config_path}")
-        try:
-            loaded = yaml.safe_load(config_path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from exc
+        loaded = yaml_mapping_file(config_path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_path} must hold a mapping at the top level")
         tree = loaded or {}

@@ -115,10 +115,29 @@ def resolve_source(source: str | Path) -> DataSource:
     return DataSource(text, "hub")
 
 
+#: A JSONL line longer than this is not read into memory: it is quarantined as unparseable, by line number.
+MAX_ROW_BYTES = 16 << 20
+
+
+def _lines(handle: Any, limit: int) -> Iterator[bytes | None]:
+    """The file's lines, each read with at most ``limit`` bytes in memory; None for a longer line (skipped)."""
+    while raw := handle.readline(limit + 1):
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
 def _read_jsonl(src: DataSource) -> Iterator[SourceRow]:
     # Binary mode: a line with invalid UTF-8 becomes one unparseable row instead of aborting the read.
     with src.path.open("rb") as handle:  # type: ignore[union-attr]
-        for line_no, raw in enumerate(handle, start=1):
+        for line_no, raw in enumerate(_lines(handle, MAX_ROW_BYTES), start=1):
+            if raw is None:
+                yield SourceRow(line_no, f"<line of more than {MAX_ROW_BYTES} bytes, not read: see line {line_no} "
+                                f"of {src.name}>", unparseable=True)
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
