@@ -130,3 +130,55 @@ def exclusive_run_key(checkpoint_root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint; the next run of the same training resumes there."""
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (a pod eviction, a cancelled flow run, ``kill``): save a checkpoint at the end of the current
+    step, then stop, so the work done since the last periodic checkpoint is not lost.
+
+    Under DDP every rank must stop at the same step, so the ranks agree on it (one MAX all-reduce of a flag
+    per step; a rank whose launcher forwarded the signal a moment later stops with the others).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Catch SIGTERM while the block runs (main thread only: Python delivers signals there)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        logger.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+
+    def _any_rank_received(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = float(self.received is not None)
+        if dist.is_available() and dist.is_initialized():
+            tensor = torch.tensor([flag])
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = float(tensor.item())
+        return flag > 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._any_rank_received():
+            self.received = self.received or 15
+            control.should_save = True
+            control.should_training_stop = True

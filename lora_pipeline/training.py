@@ -20,7 +20,7 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer, pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from lora_pipeline.checkpoints import ManifestCallback, latest_valid_checkpoint
+from lora_pipeline.checkpoints import ManifestCallback, StopOnSignal, TrainingInterrupted, latest_valid_checkpoint
 from lora_pipeline.config import PipelineConfig
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer, select_compute_dtype
 
@@ -300,6 +300,7 @@ def train_qlora(
     dataset = Dataset.from_json(str(tokenized_path), cache_dir=str(run_dir / "hf_cache"))
     checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
     callback = _MetricsCallback(metrics_sink)
+    stopper = StopOnSignal()
     row_packing = uses_row_packing(cfg.train.packing, getattr(model.config, "_attn_implementation", None))
     collator = None
     if row_packing:
@@ -312,7 +313,7 @@ def train_qlora(
         data_collator=collator,
         processing_class=tokenizer,
         peft_config=build_lora_config(cfg),
-        callbacks=[callback, ManifestCallback(), *callbacks],
+        callbacks=[callback, ManifestCallback(), stopper, *callbacks],
     )
     upcast_trainable_params(trainer.model)
     trainable, total = count_parameters(trainer.model)
@@ -338,8 +339,13 @@ def train_qlora(
         # Read before training: save_total_limit may rotate the resumed-from checkpoint away meanwhile.
         tokens_before = _tokens_seen_at(resume)
         started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with stopper.installed():
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         seconds = time.perf_counter() - started
+        if stopper.received is not None:  # the checkpoint is saved; an adapter of a cut-short run is not
+            raise TrainingInterrupted(f"training stopped by SIGTERM at step {trainer.state.global_step} of "
+                                      f"{cfg.train.max_steps}: checkpoint-{trainer.state.global_step} is saved in "
+                                      f"{checkpoint_dir}; the next run of this training resumes there")
         trainer.save_model(str(adapter_dir))  # rank 0 only (Trainer.should_save)
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(str(adapter_dir))

@@ -224,3 +224,29 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(setup, uninterrupted, tmp_p
     else:  # ignored: the file is never unpickled (training_args.bin; adapter weights load from safetensors)
         assert result.metrics["global_step"] == 8
     assert not marker.exists()
+
+
+def test_sigterm_saves_a_checkpoint_before_training_stops_and_the_next_run_resumes_there(setup, uninterrupted,
+                                                                                      tmp_path):
+    """No periodic checkpoint would come before step 8 (save_steps 100): SIGTERM during step 3 still leaves an
+    intact checkpoint-3, training stops with a clear error (no adapter of a cut-short run), and the next run
+    resumes from step 3 to the same adapter as an uninterrupted run."""
+    cfg, tokenized, _ = setup
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": 100})})
+    checkpoints = tmp_path / "ckpt"
+    config_json = tmp_path / "config.json"
+    config_json.write_text(cfg.model_dump_json())
+    termed = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.train_then_term", str(config_json), str(tokenized),
+         str(tmp_path / "run1"), str(checkpoints), "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert termed.returncode == 3, termed.stderr[-3000:]
+    assert "training stopped by SIGTERM at step 3 of 8" in termed.stderr
+    assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-3"
+    assert not (tmp_path / "run1" / "adapter").exists()
+    resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints)
+    assert resumed.metrics["resumed_from_step"] == 3 and resumed.metrics["global_step"] == 8
+    straight = _adapter(uninterrupted[0].adapter_dir)
+    for name, tensor in _adapter(resumed.adapter_dir).items():
+        torch.testing.assert_close(tensor, straight[name], rtol=1e-4, atol=1e-5, msg=name)
