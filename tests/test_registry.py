@@ -266,3 +266,37 @@ def test_a_version_that_failed_the_gate_is_promoted_only_with_force(env):
         promotion.promote(env["uri"], name, version)
     assert promotion.version_by_alias(env["uri"], name, "champion") is None
     assert promotion.promote(env["uri"], name, version, force=True)["champion"] == version
+
+
+def test_a_registration_whose_response_was_lost_is_retried_into_exactly_one_version(env, monkeypatch):
+    """The registry created the version, then the connection dropped before the answer arrived: the task's
+    retry (a ConnectionError is transient) finds the version by its run key instead of creating another."""
+    from lora_pipeline import registry
+    from lora_pipeline.errors import is_transient
+
+    name = "tiny-llama-lost-response"
+    real_client = registry.mlflow_client
+    lost = []
+
+    class LosesTheFirstAnswer:
+        def __init__(self, client):
+            self._client = client
+
+        def __getattr__(self, attribute):
+            return getattr(self._client, attribute)
+
+        def create_model_version(self, *args, **kwargs):
+            created = self._client.create_model_version(*args, **kwargs)  # done on the server ...
+            if not lost:
+                lost.append(str(created.version))
+                raise ConnectionResetError("connection reset by peer")  # ... but the answer never arrives
+            return created
+
+    monkeypatch.setattr(registry, "mlflow_client", lambda uri: LosesTheFirstAnswer(real_client(uri)))
+    with pytest.raises(ConnectionResetError) as first_attempt:
+        _register(env, "key-lost", name=name)
+    assert is_transient(first_attempt.value)  # so the register task retries it
+    retried = _register(env, "key-lost", name=name)
+    assert (retried.version, retried.created) == (lost[0], False)
+    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [lost[0]]
