@@ -132,6 +132,10 @@ def exclusive_run_key(checkpoint_root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class DiskFullError(RuntimeError):
+    """The disk filled up while a checkpoint was written; the earlier checkpoints are intact."""
+
+
 class TrainingInterrupted(RuntimeError):
     """Training stopped on a signal after saving a checkpoint; the next run of the same training resumes there."""
 

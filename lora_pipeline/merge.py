@@ -7,7 +7,10 @@ base is reloaded, de-quantised to the compute dtype, and only then merged with `
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,7 +140,21 @@ def _save_merged(model: Any, tokenizer: Any, out_dir: Path, stop_ids: Sequence[i
     model.generation_config.eos_token_id = list(stop_ids)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(str(out_dir))
+    # Written beside the target, then renamed: a save cut short (a full disk) never leaves a merged directory
+    # that looks complete, so nothing can register it.
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        model.save_pretrained(str(partial), safe_serialization=True)
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(str(partial))
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise MergeError(f"disk full while writing the merged model to {out_dir} "
+                             f"({shutil.disk_usage(out_dir.parent).free >> 20} MB free): nothing was written; free "
+                             "space and retry") from exc
+        raise
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,7 +21,13 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer, pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from lora_pipeline.checkpoints import ManifestCallback, StopOnSignal, TrainingInterrupted, latest_valid_checkpoint
+from lora_pipeline.checkpoints import (
+    DiskFullError,
+    ManifestCallback,
+    StopOnSignal,
+    TrainingInterrupted,
+    latest_valid_checkpoint,
+)
 from lora_pipeline.config import PipelineConfig
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer, select_compute_dtype
 
@@ -340,7 +347,17 @@ def train_qlora(
         tokens_before = _tokens_seen_at(resume)
         started = time.perf_counter()
         with stopper.installed():
-            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            try:
+                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                # The checkpoint being written has no manifest: the next run sets it aside and resumes from
+                # the last intact one.
+                raise DiskFullError(f"disk full while saving a checkpoint under {checkpoint_dir} "
+                                    f"({shutil.disk_usage(checkpoint_dir).free >> 20} MB free) at step "
+                                    f"{trainer.state.global_step}: earlier checkpoints are intact; free space and "
+                                    "run again to resume") from exc
         seconds = time.perf_counter() - started
         if stopper.received is not None:  # the checkpoint is saved; an adapter of a cut-short run is not
             raise TrainingInterrupted(f"training stopped by SIGTERM at step {trainer.state.global_step} of "

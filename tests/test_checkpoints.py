@@ -250,3 +250,28 @@ def test_sigterm_saves_a_checkpoint_before_training_stops_and_the_next_run_resum
     straight = _adapter(uninterrupted[0].adapter_dir)
     for name, tensor in _adapter(resumed.adapter_dir).items():
         torch.testing.assert_close(tensor, straight[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_a_clear_error_and_earlier_checkpoints_stay_intact(
+        setup, tmp_path, monkeypatch):
+    import errno
+
+    from lora_pipeline.checkpoints import DiskFullError
+
+    cfg, tokenized, _ = setup
+    checkpoints = tmp_path / "ckpt"
+    real_save = torch.save
+
+    def fills_up_at_checkpoint_8(obj, f, *args, **kwargs):
+        if "checkpoint-8" in str(f):
+            Path(f).write_bytes(b"\0" * 100)  # what fitted before the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_up_at_checkpoint_8)
+    with pytest.raises(DiskFullError, match="disk full while saving a checkpoint under .*earlier checkpoints are "
+                                            "intact"):
+        train_qlora(cfg, tokenized, tmp_path / "run", checkpoint_dir=checkpoints)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-4"  # checkpoint-8 set aside
+    assert not (tmp_path / "run" / "adapter").exists()

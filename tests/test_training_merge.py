@@ -128,3 +128,20 @@ def test_lora_and_packing_options_reach_the_adapter(tiny_model_dir, tiny_rows_pa
         assert result.metrics["train_sequences"] < samples
     else:
         assert result.metrics["train_sequences"] == samples
+
+
+def test_a_full_disk_while_saving_the_merged_model_writes_nothing(trained, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    cfg, _, result, _ = trained
+
+    def fills_up(self, directory, *args, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"\0" * 100)  # a truncated weights file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_up)
+    with pytest.raises(MergeError, match="disk full while writing the merged model"):
+        merge_adapter(cfg, result.adapter_dir, tmp_path / "merged", _prompts(cfg, result.adapter_dir, 2), [2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no merged dir, no partial one: nothing to register
