@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_pipeline.config import PipelineConfig, TrainConfig
+from lora_pipeline.processes import run_process_group
 from lora_pipeline.tracking import mask_secrets
 
 if TYPE_CHECKING:
@@ -110,7 +111,8 @@ def _run_logged(command: list[str], log_path: Path, extra_env: dict[str, str] | 
         log.write("launch: " + mask_secrets(" ".join(command)) + "\n")
         log.flush()
         # Streamed to a file, not a pipe: a chatty rank can never block on a full pipe buffer.
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        # Its own process group: a stopped stage (timeout, cancellation) takes every rank down with it.
+        return run_process_group(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def launch_training(

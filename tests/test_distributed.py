@@ -80,9 +80,9 @@ def test_accelerate_config_switches_the_launcher(tiny_model_dir, tmp_path, monke
         launched.append(command)
         result_json = Path(command[command.index("--result-json") + 1])
         result_json.write_text(json.dumps({"adapter_dir": "a", "metrics": {"world_size": 4.0}}))
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
-    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    monkeypatch.setattr(distributed, "run_process_group", fake_run)
     result = distributed.launch_training(cfg, tmp_path / "t.jsonl", tmp_path / "run", tmp_path / "ckpt")
     (command,) = launched
     assert command[1:7] == ["-m", "accelerate.commands.launch", "--config_file", str(config_file),
@@ -106,9 +106,9 @@ def test_a_tracking_uri_with_credentials_reaches_the_ranks_through_the_environme
         launched.append((command, env))
         result_json = Path(command[command.index("--result-json") + 1])
         result_json.write_text(json.dumps({"adapter_dir": "a", "metrics": {"world_size": 2.0}}))
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
-    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    monkeypatch.setattr(distributed, "run_process_group", fake_run)
     secret_uri = "https://alice:pa55-canary@mlflow.internal"
     distributed.launch_training(cfg, tmp_path / "t.jsonl", tmp_path / "run", tmp_path / "ckpt",
                                 TrackingRun(tracking_uri=secret_uri, run_id="r1"))

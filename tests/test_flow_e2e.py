@@ -468,3 +468,33 @@ def test_a_secret_block_reaches_the_run_environment_and_never_its_logs_summary_n
     for path in (small_config.parent / "outputs").rglob("*"):
         if path.is_file():
             assert canary.encode() not in path.read_bytes(), path
+
+
+def test_a_hung_stage_hits_its_timeout_and_takes_its_process_tree_with_it(prefect_api, tmp_path):
+    """A stage's child processes (torchrun and its ranks, here a hung parent and grandchild) are gone once
+    its Prefect timeout fires; the task run ends TimedOut (a failed state)."""
+    import time
+
+    from prefect import flow, task
+
+    from lora_pipeline.processes import run_process_group
+    from tests.test_processes import alive, hung_tree, wait_for
+
+    pid_file = tmp_path / "grandchild.pid"
+
+    @task(timeout_seconds=4)
+    def hung_stage() -> int:
+        return run_process_group(hung_tree(pid_file), poll_seconds=0.2)
+
+    @flow
+    def pipeline() -> tuple[str, bool]:
+        state = hung_stage(return_state=True)
+        return state.name, state.is_failed()
+
+    assert pipeline() == ("TimedOut", True)
+    wait_for(pid_file)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(grandchild)

@@ -119,9 +119,9 @@ def test_join_waits_for_machine_0_and_runs_its_command(tmp_path, monkeypatch):
             Path(_flag(command, "--result-json")).write_text(json.dumps({"adapter_dir": "a", "metrics": {}}))
         else:
             launched["machine1"] = command
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
-    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    monkeypatch.setattr(distributed, "run_process_group", fake_run)
     distributed.launch_training(cfg, tmp_path / "t.jsonl", tmp_path / "run", tmp_path / "checkpoints" / "key7")
     machine0, machine1 = launched["machine0"], launched["machine1"]
     assert _flag(machine0, "--rdzv_id") == _flag(machine1, "--rdzv_id") == "lora-key7"
