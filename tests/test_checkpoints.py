@@ -47,6 +47,22 @@ def _adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / ADAPTER_FILE))
 
 
+def _train_in_a_process(helper: str, cfg, tokenized: Path, root: Path, checkpoints: Path, step: int):
+    """``python -m tests.helpers.<helper>``: train in a child process that is stopped at ``step`` (SIGKILL
+    after that checkpoint, or SIGTERM during the next step); returns the finished process."""
+    config_json = root / "config.json"
+    config_json.write_text(cfg.model_dump_json())
+    return subprocess.run(
+        [sys.executable, "-m", f"tests.helpers.{helper}", str(config_json), str(tokenized), str(root / "run1"),
+         str(checkpoints), str(step)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+
+
+def _with_save_steps(cfg, save_steps: int):
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": save_steps})})
+
+
 def test_every_saved_checkpoint_has_a_manifest(uninterrupted):
     result, checkpoints = uninterrupted
     assert result.metrics["global_step"] == 8 and result.metrics["resumed_from_step"] == 0
@@ -60,13 +76,7 @@ def test_every_saved_checkpoint_has_a_manifest(uninterrupted):
 def test_killed_training_resumes_from_its_last_checkpoint(setup, uninterrupted, tmp_path):
     cfg, tokenized, _ = setup
     checkpoints = tmp_path / "ckpt"
-    config_json = tmp_path / "config.json"
-    config_json.write_text(cfg.model_dump_json())
-    killed = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.train_then_die", str(config_json), str(tokenized),
-         str(tmp_path / "run1"), str(checkpoints), "4"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
+    killed = _train_in_a_process("train_then_die", cfg, tokenized, tmp_path, checkpoints, 4)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [p.name for p in checkpoints.iterdir() if p.is_dir()] == ["checkpoint-4"]
 
@@ -96,15 +106,9 @@ def test_a_resumed_run_outlives_the_rotation_of_the_checkpoint_it_resumed_from(s
     checkpoint-2 away mid-run. The end of the run once read that checkpoint again (FileNotFoundError, hidden
     by a task retry); it must succeed on its first attempt."""
     cfg, tokenized, _ = setup
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": 2})})
+    cfg = _with_save_steps(cfg, 2)
     checkpoints = tmp_path / "ckpt"
-    config_json = tmp_path / "config.json"
-    config_json.write_text(cfg.model_dump_json())
-    killed = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.train_then_die", str(config_json), str(tokenized),
-         str(tmp_path / "run1"), str(checkpoints), "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
+    killed = _train_in_a_process("train_then_die", cfg, tokenized, tmp_path, checkpoints, 2)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints)
     assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["global_step"] == 8
@@ -232,15 +236,9 @@ def test_sigterm_saves_a_checkpoint_before_training_stops_and_the_next_run_resum
     intact checkpoint-3, training stops with a clear error (no adapter of a cut-short run), and the next run
     resumes from step 3 to the same adapter as an uninterrupted run."""
     cfg, tokenized, _ = setup
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": 100})})
+    cfg = _with_save_steps(cfg, 100)
     checkpoints = tmp_path / "ckpt"
-    config_json = tmp_path / "config.json"
-    config_json.write_text(cfg.model_dump_json())
-    termed = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.train_then_term", str(config_json), str(tokenized),
-         str(tmp_path / "run1"), str(checkpoints), "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
+    termed = _train_in_a_process("train_then_term", cfg, tokenized, tmp_path, checkpoints, 2)
     assert termed.returncode == 3, termed.stderr[-3000:]
     assert "training stopped by SIGTERM at step 3 of 8" in termed.stderr
     assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-3"

@@ -473,12 +473,10 @@ def test_a_secret_block_reaches_the_run_environment_and_never_its_logs_summary_n
 def test_a_hung_stage_hits_its_timeout_and_takes_its_process_tree_with_it(prefect_api, tmp_path):
     """A stage's child processes (torchrun and its ranks, here a hung parent and grandchild) are gone once
     its Prefect timeout fires; the task run ends TimedOut (a failed state)."""
-    import time
-
     from prefect import flow, task
 
     from lora_pipeline.processes import run_process_group
-    from tests.test_processes import alive, hung_tree, wait_for
+    from tests.test_processes import assert_grandchild_gone, hung_tree
 
     pid_file = tmp_path / "grandchild.pid"
 
@@ -492,9 +490,4 @@ def test_a_hung_stage_hits_its_timeout_and_takes_its_process_tree_with_it(prefec
         return state.name, state.is_failed()
 
     assert pipeline() == ("TimedOut", True)
-    wait_for(pid_file)
-    grandchild = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(grandchild)
+    assert_grandchild_gone(pid_file)

@@ -39,6 +39,16 @@ def wait_for(path: Path, seconds: float = 30) -> None:
         time.sleep(0.1)
 
 
+def assert_grandchild_gone(pid_file: Path) -> None:
+    """The grandchild recorded in ``pid_file`` is dead (within a few seconds)."""
+    wait_for(pid_file)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(grandchild)
+
+
 def test_an_interrupted_wait_stops_the_whole_group(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
 
@@ -53,12 +63,7 @@ def test_an_interrupted_wait_stops_the_whole_group(tmp_path):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    wait_for(pid_file)
-    grandchild = int(pid_file.read_text())
-    deadline = time.monotonic() + 10
-    while alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(grandchild)
+    assert_grandchild_gone(pid_file)
 
 
 def test_a_finished_group_returns_its_exit_code():
