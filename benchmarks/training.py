@@ -79,7 +79,7 @@ BATCH_SIZE = int(os.environ.get("BENCH_BATCH_SIZE", "8"))
 
 
 def _config(model_dir: Path, data: Path, out: Path, steps: int, packing: bool):
-    from lora_pipeline.config import load_config
+    from lora_pipeline.config_files import load_config
 
     return load_config(None, [
         f"model.name_or_path={model_dir}", f"output_dir={out}", f"data.path={data}", f"train.max_steps={steps}",

@@ -13,7 +13,8 @@ from pathlib import Path
 # from the Hugging Face hub; the pipeline runs offline and bitsandbytes falls back to its built-in kernel.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from lora_pipeline.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from lora_pipeline.config import ConfigError, PipelineConfig  # noqa: E402
+from lora_pipeline.config_files import load_config  # noqa: E402
 
 #: Suffixes that make a ``data.path``-like string a local file (anything else may be a hub dataset name).
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf")

@@ -28,7 +28,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lora_pipeline.config import MODEL_NAME_PATTERN, ConfigError, PipelineConfig, load_config
+from lora_pipeline.config import MODEL_NAME_PATTERN, ConfigError, PipelineConfig
+from lora_pipeline.config_files import load_config
 
 CONFIG_ROOTS_ENV = "LORA_PIPELINE_CONFIG_ROOTS"
 OVERRIDES_ENV = "LORA_PIPELINE_OVERRIDES"

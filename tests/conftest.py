@@ -73,7 +73,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf) -> Path:
     """The GGUF file resolved as the pipeline resolves any ``.gguf`` base: de-quantised once, keyed by its hash."""
-    from lora_pipeline.config import load_config
+    from lora_pipeline.config_files import load_config
     from lora_pipeline.stages import resolve_assets
 
     cfg = load_config(None, [f"model.name_or_path={smollm2_gguf}", f"output_dir={REAL_MODEL_CACHE}",

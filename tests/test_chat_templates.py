@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from lora_pipeline.chat_templates import CHAT_TEMPLATES, apply_named_template, get_chat_template
-from lora_pipeline.config import ConfigError, ModelConfig, load_config
+from lora_pipeline.config import ConfigError, ModelConfig
+from lora_pipeline.config_files import load_config
 from lora_pipeline.formatting import (
     IGNORE_INDEX,
     encode_generation_prompt,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_pipeline.checkpoints import MANIFEST_NAME, SET_ASIDE_DIRNAME, checkpoint_problem, latest_valid_checkpoint
-from lora_pipeline.config import load_config
+from lora_pipeline.config_files import load_config
 from lora_pipeline.formatting import format_dataset
 from lora_pipeline.modeling import load_tokenizer
 from lora_pipeline.training import train_qlora

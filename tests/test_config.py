@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_pipeline.config import ConfigError, PipelineConfig, load_config, parse_override
+from lora_pipeline.config import ConfigError, PipelineConfig
+from lora_pipeline.config_files import load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 

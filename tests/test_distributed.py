@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lora_pipeline import stages, tracking
-from lora_pipeline.config import load_config
+from lora_pipeline.config_files import load_config
 from lora_pipeline.formatting import format_dataset
 from lora_pipeline.modeling import load_tokenizer
 

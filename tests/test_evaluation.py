@@ -168,7 +168,8 @@ def test_lm_eval_suite_is_skipped_with_a_message_when_unavailable(tokenizer, tin
 
 
 def test_eval_suites_are_configurable(tmp_path):
-    from lora_pipeline.config import ConfigError, load_config
+    from lora_pipeline.config import ConfigError
+    from lora_pipeline.config_files import load_config
     from lora_pipeline.suites import load_eval_suites
 
     rows = tmp_path / "rows.jsonl"
@@ -185,7 +186,7 @@ def test_eval_suites_are_configurable(tmp_path):
 
 def test_base_answer_references_keep_an_empty_answer(tmp_path):
     # A base that stops at once gives an empty reference: it is a valid reference, not a broken row.
-    from lora_pipeline.config import load_config
+    from lora_pipeline.config_files import load_config
     from lora_pipeline.evaluation import Generation
     from lora_pipeline.suites import general_prompt_rows, load_eval_suites, write_references
 

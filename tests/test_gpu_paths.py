@@ -16,7 +16,8 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, Trai
 from trl import SFTConfig
 
 from lora_pipeline import modeling
-from lora_pipeline.config import ConfigError, ModelConfig, QuantConfig, load_config
+from lora_pipeline.config import ConfigError, ModelConfig, QuantConfig
+from lora_pipeline.config_files import load_config
 from lora_pipeline.modeling import detect_device, load_base_model, select_compute_dtype
 from lora_pipeline.training import build_sft_config, upcast_trainable_params
 

@@ -8,7 +8,8 @@ import tracemalloc
 import pytest
 
 from lora_pipeline.cli import main
-from lora_pipeline.config import ConfigError, load_config
+from lora_pipeline.config import ConfigError
+from lora_pipeline.config_files import load_config
 from lora_pipeline.data import sources
 
 

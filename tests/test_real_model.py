@@ -28,7 +28,7 @@ IM_END = 2  # <|im_end|>: EOS, pad and the template's end of turn
 def test_gguf_is_converted_once_into_a_plain_model_directory_keyed_by_its_hash(smollm2_gguf, smollm2_dir):
     from transformers import AutoConfig
 
-    from lora_pipeline.config import load_config
+    from lora_pipeline.config_files import load_config
     from lora_pipeline.stages import resolve_assets
 
     digest = file_sha256(smollm2_gguf)

@@ -9,7 +9,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lora_pipeline.config import load_config
+from lora_pipeline.config_files import load_config
 from lora_pipeline.formatting import encode_generation_prompt, format_dataset, prompt_turns
 from lora_pipeline.merge import MergeError, merge_adapter, merge_lora
 from lora_pipeline.modeling import load_base_model, load_tokenizer
