@@ -123,3 +123,58 @@ def test_a_tracking_uri_with_credentials_reaches_the_ranks_through_the_environme
     (command, env), = launched
     assert command[command.index("--tracking-uri") + 1] == "http://127.0.0.1:5000"
     assert distributed.TRACKING_URI_ENV not in env
+
+
+def test_two_processes_killed_mid_training_resume_on_the_next_run_at_its_first_attempt(two_process_run,
+                                                                                     tiny_rows_path, tmp_path):
+    """SIGKILL to the whole torchrun tree once checkpoint-2 exists (every rank dies at once, like a lost node);
+    the next launch resumes from the last intact checkpoint and finishes, its ranks agreeing, although
+    save_total_limit (2) rotates the resumed-from checkpoint away on the way (checkpoints every 2 steps)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from lora_pipeline import distributed
+    from lora_pipeline.checkpoints import latest_valid_checkpoint
+
+    cfg, _, ddp_run_dir, _, _ = two_process_run
+    cfg = cfg.model_copy(update={"output_dir": tmp_path, "train": cfg.train.model_copy(update={"save_steps": 2})})
+    checkpoints = tmp_path / "checkpoints" / "key-killed"
+    tokenized = ddp_run_dir / "tokenized.jsonl"
+    outcome: dict = {}
+
+    def first_attempt():
+        try:
+            distributed.launch_training(cfg, tokenized, tmp_path / "run1", checkpoints)
+        except distributed.DistributedTrainingError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=first_attempt)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while latest_valid_checkpoint(checkpoints, set_aside=False) is None:
+        assert time.monotonic() < deadline and thread.is_alive(), "no checkpoint was ever written"
+        time.sleep(0.05)
+    launcher = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _cmdline(pid).startswith(
+        "torch.distributed.run") and str(checkpoints) in _cmdline(pid, full=True))
+    os.killpg(launcher, signal.SIGKILL)  # the launcher's process group: torchrun and both ranks
+    thread.join(timeout=120)
+    assert "distributed training failed (exit -9)" in outcome["error"]
+    resumed = distributed.launch_training(cfg, tokenized, tmp_path / "run2", checkpoints)
+    metrics = resumed["metrics"]
+    assert metrics["resumed_from_step"] >= 2 and metrics["global_step"] == 6
+    assert metrics["world_size"] == 2 and metrics["rank_checksums_agree"] == 1.0
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-4", "checkpoint-6"]
+
+
+def _cmdline(pid: str, full: bool = False) -> str:
+    """A process's command line (after the interpreter and its -m, unless ``full``); '' once it is gone."""
+    try:
+        parts = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").split("\0")
+    except OSError:
+        return ""
+    if full:
+        return " ".join(parts)
+    return " ".join(parts[2:]) if len(parts) > 2 and parts[1] == "-m" else ""
