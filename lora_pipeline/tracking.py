@@ -152,6 +152,9 @@ def mlflow_client(tracking_uri: str) -> mlflow.MlflowClient:
     Returns:
         The client.
     """
+    if mask_secrets(tracking_uri) != tracking_uri:
+        # MLflow prints "View run ... at: <URI>" to stdout when a run ends, password included.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     # SQLite creates the database file but not its directory.
     registry = registry_uri(tracking_uri)
     for uri in {tracking_uri, registry}:
@@ -266,12 +269,13 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping[str, str]) -> Non
     Args:
         tracking_uri: Tracking store URI.
         run_id: Run to log to.
-        params: Already flattened and masked (see :func:`flatten_config`).
+        params: Already flattened (see :func:`flatten_config`, which also masks secret-looking keys); every
+            value is masked of credentials here once more.
 
     Raises:
         MlflowException: e.g. a param already logged on this run with a different value.
     """
-    items = [Param(str(k), _truncate(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+    items = [Param(str(k), _truncate(mask_secrets(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
     _log_batched(tracking_uri, run_id, "params", items, MAX_PARAMS_TAGS_PER_BATCH)
 
 
@@ -381,6 +385,9 @@ def fluent_tracking_uri(tracking_uri: str) -> Iterator[None]:
     """
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    if mask_secrets(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # as in mlflow_client
 
     with _FLUENT_LOCK:
         saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}

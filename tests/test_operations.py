@@ -50,3 +50,27 @@ def test_a_run_that_sets_a_forbidden_key_is_refused(ops_stack, ops_config_root):
 
     with pytest.raises(PrefectHTTPStatusError, match="'model_trust_remote_code' was unexpected"):
         prefect_call(ops_stack, run)
+
+
+def test_a_password_in_the_tracking_uri_never_reaches_stdout_params_or_tags(ops_stack, capfd):
+    """MLflow prints "View run ... at: <tracking URI>" when a run ends: with user:password@ in the URI (from
+    MLFLOW_TRACKING_URI; the config refuses one) that line would carry the password."""
+    import uuid
+
+    import mlflow
+
+    from lora_pipeline import tracking
+
+    canary = f"pw-{uuid.uuid4().hex}"
+    host = ops_stack["MLFLOW_TRACKING_URI"].removeprefix("http://")
+    uri = f"http://alice:{canary}@{host}"  # the stack's server has no auth: the credentials are only carried
+    run_id = tracking.start_pipeline_run(uri, "canary", ops_stack["state"] / "unused", run_name="canary",
+                                         tags={"tracking_uri": uri})
+    tracking.log_params(uri, run_id, {"mlflow.tracking_uri": uri})
+    tracking.end_run(uri, run_id)
+    captured = capfd.readouterr()
+    assert canary not in captured.out + captured.err
+    run = mlflow.MlflowClient(ops_stack["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert canary not in str(run.data.params) + str(run.data.tags)
+    assert run.data.params["mlflow.tracking_uri"] == f"http://alice:***@{host}"
