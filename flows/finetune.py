@@ -13,7 +13,8 @@ from lora_pipeline.gate import gate_candidate, resolve_task_metric
 from lora_pipeline.reports import gate_rejected_notice, run_failed_notice
 from lora_pipeline.stages import registration_store
 from lora_pipeline.summary import RunSummary, code_version, final_metrics, lineage_tags, run_dir_for
-from lora_pipeline.tracking import TrackingRun, mask_secrets
+from lora_pipeline.redaction import mask_secrets
+from lora_pipeline.tracking import TrackingRun
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
 from tasks.evaluate import compare_models, evaluate, evaluate_champion

@@ -132,3 +132,35 @@ def model_stop_ids(name_or_path: str | Path, revision: str | None, tokenizer: An
     from lora_pipeline.formatting import stop_token_ids
 
     return stop_token_ids(tokenizer, generation_eos_ids(name_or_path, revision))
+
+
+def resolve_base_dir(base_model: str, revision: str | None = None) -> Path:
+    """The local Hugging Face model directory of ``base_model``, without network access.
+
+    A hub id resolves to its snapshot of ``revision`` in the local hub cache (where training
+    downloaded it): MLflow's own hub reference would record the hub's *latest* commit instead of the
+    pinned revision, and needs the Hub at logging time.
+
+    Args:
+        base_model: Local model directory, or hub id.
+        revision: Hub revision (branch, tag or commit) of a hub id; ignored for a directory.
+
+    Returns:
+        The absolute directory (it has a ``config.json``).
+
+    Raises:
+        FileNotFoundError: not a model directory, and not a hub id cached locally at ``revision``.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    path = Path(base_model).expanduser()
+    if not path.is_dir():
+        try:
+            path = Path(snapshot_download(base_model, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, HFValidationError) as exc:
+            raise FileNotFoundError(f"base model {base_model!r} is neither a local directory nor in the local "
+                                    f"Hugging Face cache at revision {revision or 'main'}: {exc}") from exc
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face model (config.json) in base directory {path}")
+    return path.resolve()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_pipeline.config import PipelineConfig, TrainConfig
 from lora_pipeline.processes import run_process_group
-from lora_pipeline.tracking import mask_secrets
+from lora_pipeline.redaction import mask_secrets
 
 if TYPE_CHECKING:
     from lora_pipeline.tracking import TrackingRun

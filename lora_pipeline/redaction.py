@@ -4,8 +4,9 @@ Secrets (a hub token, MLflow credentials, a database URL) reach a run from its e
 or Prefect Secret blocks the flow loads into it (``secrets.env`` in the config names the blocks, never
 the values). Every value that arrives that way is registered here, and from then on:
 
-- :func:`redact` replaces it in any text (the summary's error, notices, tags, params: see
-  ``tracking.mask_secrets``, which calls it);
+- :func:`redact` replaces it in any text; :func:`mask_secrets` also removes what looks like a credential
+  (URI passwords, secret query parameters, hub and bearer tokens) and is what the summary's error,
+  notices, MLflow params, tags and descriptions go through;
 - :func:`install_log_redaction` makes every log record of the process (Prefect's logs shipped to its API,
   MLflow's, ours) carry the redacted message.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping
 
@@ -88,3 +90,32 @@ def forget_secrets() -> None:
     """Forget every registered value (tests)."""
     with _lock:
         _known.clear()
+
+
+# scheme://user:password@host -> scheme://user:***@host. Up to the last '@' before any '/', so a
+# raw '@' in the password is masked too, while "host:8080/a@b" (a port, then a path) is left alone.
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)[^/\s]+@")
+# ?token=... / &api_key=... / &client_secret=... / &sig=... (Azure SAS) in any URL or free text.
+_SECRET_QUERY = re.compile(
+    r"(?P<head>[?&;][\w.\-]*(?:token|password|passwd|pwd|secret|api[_\-]?key|sig|signature)=)[^&#\s]+",
+    re.IGNORECASE,
+)
+# Hugging Face user/org tokens and "Authorization: Bearer ..." values.
+_HF_TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{10,}\b")
+_BEARER = re.compile(r"(?P<head>\bBearer\s+)[A-Za-z0-9._~+/\-]+=*", re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """Replace credentials in free text: URI passwords, secret query params, HF and bearer tokens.
+
+    Args:
+        text: Any string that may be logged or stored (URIs, error messages, tag values).
+
+    Returns:
+        The text with each secret replaced by ``***``; everything else unchanged.
+    """
+    text = redact(text)  # values known to be secret (environment, Prefect Secret blocks)
+    text = _URI_PASSWORD.sub(rf"\g<head>{MASK}@", text)
+    text = _SECRET_QUERY.sub(rf"\g<head>{MASK}", text)
+    text = _BEARER.sub(rf"\g<head>{MASK}", text)
+    return _HF_TOKEN.sub(MASK, text)

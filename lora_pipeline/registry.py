@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from mlflow.exceptions import MlflowException
 from packaging.version import Version
 
-from lora_pipeline.tracking import fluent_tracking_uri, log_artifacts, mask_secrets, masked_tags, mlflow_client, set_tags
+from lora_pipeline.base_model import resolve_base_dir
+from lora_pipeline.redaction import mask_secrets
+from lora_pipeline.tracking import fluent_tracking_uri, log_artifacts, masked_tags, mlflow_client, set_tags
 
 if TYPE_CHECKING:
     from lora_pipeline.config import RegistryConfig
@@ -154,38 +156,6 @@ class _ModelSource:
         if self.base_dir is not None:
             tags[BASE_MODEL_PATH_TAG] = str(self.base_dir)
         return tags
-
-
-def resolve_base_dir(base_model: str, revision: str | None = None) -> Path:
-    """The local Hugging Face model directory of ``base_model``, without network access.
-
-    A hub id resolves to its snapshot of ``revision`` in the local hub cache (where training
-    downloaded it): MLflow's own hub reference would record the hub's *latest* commit instead of the
-    pinned revision, and needs the Hub at logging time.
-
-    Args:
-        base_model: Local model directory, or hub id.
-        revision: Hub revision (branch, tag or commit) of a hub id; ignored for a directory.
-
-    Returns:
-        The absolute directory (it has a ``config.json``).
-
-    Raises:
-        FileNotFoundError: not a model directory, and not a hub id cached locally at ``revision``.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    path = Path(base_model).expanduser()
-    if not path.is_dir():
-        try:
-            path = Path(snapshot_download(base_model, revision=revision, local_files_only=True))
-        except (LocalEntryNotFoundError, HFValidationError) as exc:
-            raise FileNotFoundError(f"base model {base_model!r} is neither a local directory nor in the local "
-                                    f"Hugging Face cache at revision {revision or 'main'}: {exc}") from exc
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face model (config.json) in base directory {path}")
-    return path.resolve()
 
 
 def _model_source(store: str, model_dir: Path | None, adapter_dir: Path | None, base_model: str | None,
@@ -330,7 +300,7 @@ def register_model(
             base); its URI is added to the tags as ``adapter_uri``.
         base_model: The adapter's base (needed by ``store="adapter"``): a local model directory
             (a GGUF base: its converted directory), or a hub id cached locally (see
-            :func:`resolve_base_dir`). The version references that directory: keep it in place.
+            :func:`lora_pipeline.base_model.resolve_base_dir`). The version references that directory: keep it in place.
         base_revision: Hub revision of a hub-id ``base_model``.
         store: ``"merged"`` or ``"adapter"``; None takes ``registry_cfg.store``.
         eos_token_ids: The full stop set; the logged model's ``generation_config.eos_token_id``

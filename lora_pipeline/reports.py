@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_pipeline.tracking import mask_secrets
+from lora_pipeline.redaction import mask_secrets
 
 #: Event names (Prefect events; automations can match on them).
 GATE_REJECTED_EVENT = "lora-pipeline.gate.rejected"

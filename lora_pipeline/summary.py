@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.redaction import mask_secrets
+
 
 def run_dir_for(output_dir: Path, flow_run_id: str, started: datetime) -> Path:
     """The directory of one flow run: ``<output_dir>/runs/<UTC start>-<flow run id prefix>``.
@@ -44,8 +46,6 @@ class RunSummary:
         try:
             yield
         except BaseException as exc:
-            from lora_pipeline.tracking import mask_secrets  # local: the summary itself needs no MLflow
-
             record["status"] = "failed"
             self.status = "failed"
             self.error = mask_secrets(f"{name}: {type(exc).__name__}: {exc}")

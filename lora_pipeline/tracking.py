@@ -30,28 +30,15 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from lora_pipeline.redaction import redact
+from lora_pipeline.redaction import MASK, mask_secrets
 
 if TYPE_CHECKING:
     from lora_pipeline.config import MlflowConfig
 
 logger = logging.getLogger(__name__)
 
-MASK = "***"
 # Serialises our own switches of MLflow's process-global URIs (Prefect may run tasks in threads).
 _FLUENT_LOCK = threading.RLock()
-
-# scheme://user:password@host -> scheme://user:***@host. Up to the last '@' before any '/', so a
-# raw '@' in the password is masked too, while "host:8080/a@b" (a port, then a path) is left alone.
-_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)[^/\s]+@")
-# ?token=... / &api_key=... / &client_secret=... / &sig=... (Azure SAS) in any URL or free text.
-_SECRET_QUERY = re.compile(
-    r"(?P<head>[?&;][\w.\-]*(?:token|password|passwd|pwd|secret|api[_\-]?key|sig|signature)=)[^&#\s]+",
-    re.IGNORECASE,
-)
-# Hugging Face user/org tokens and "Authorization: Bearer ..." values.
-_HF_TOKEN = re.compile(r"\b(?:hf|api_org)_[A-Za-z0-9]{10,}\b")
-_BEARER = re.compile(r"(?P<head>\bBearer\s+)[A-Za-z0-9._~+/\-]+=*", re.IGNORECASE)
 
 # A config key is secret-looking when one of its words (split on _ - . or case) is one of these;
 # whole words only, so ``max_new_tokens`` or ``tokenizer`` are not masked but ``hf_token`` is.
@@ -95,22 +82,6 @@ def resolve_tracking_uri(cfg: MlflowConfig, output_dir: Path) -> str:
 def registry_uri(tracking_uri: str) -> str:
     """The model registry's URI: ``MLFLOW_REGISTRY_URI`` when set (MLflow's own setting), else the tracking store."""
     return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri
-
-
-def mask_secrets(text: str) -> str:
-    """Replace credentials in free text: URI passwords, secret query params, HF and bearer tokens.
-
-    Args:
-        text: Any string that may be logged or stored (URIs, error messages, tag values).
-
-    Returns:
-        The text with each secret replaced by ``***``; everything else unchanged.
-    """
-    text = redact(text)  # values known to be secret (environment, Prefect Secret blocks)
-    text = _URI_PASSWORD.sub(rf"\g<head>{MASK}@", text)
-    text = _SECRET_QUERY.sub(rf"\g<head>{MASK}", text)
-    text = _BEARER.sub(rf"\g<head>{MASK}", text)
-    return _HF_TOKEN.sub(MASK, text)
 
 
 def _is_secret_key(key: str) -> bool:

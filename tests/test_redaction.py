@@ -7,7 +7,6 @@ import logging
 import pytest
 
 from lora_pipeline import redaction
-from lora_pipeline.tracking import mask_secrets
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +21,7 @@ def test_registered_values_are_redacted_longest_first_and_short_ones_ignored():
     redaction.register_secret("s3cr3t-value-and-more")
     redaction.register_secret("abc")  # too short to redact safely
     assert redaction.redact("a s3cr3t-value-and-more b s3cr3t-value abc") == "a *** b *** abc"
-    assert mask_secrets("login with s3cr3t-value at https://u:other@h") == "login with *** at https://u:***@h"
+    assert redaction.mask_secrets("login with s3cr3t-value at https://u:other@h") == "login with *** at https://u:***@h"
 
 
 def test_secret_environment_variables_are_registered():

@@ -19,7 +19,8 @@ from lora_pipeline import tracking
 from lora_pipeline.config import RegistryConfig
 from lora_pipeline.merge import relative_diff
 from lora_pipeline.loading import load_registered_model
-from lora_pipeline.registry import RegisteredVersion, find_version_by_run_key, register_model, resolve_base_dir
+from lora_pipeline.base_model import resolve_base_dir
+from lora_pipeline.registry import RegisteredVersion, find_version_by_run_key, register_model
 from lora_pipeline.serving import AliasFollower, build_app
 from tests.tiny_model import build_tiny_llama
 

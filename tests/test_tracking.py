@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from lora_pipeline import tracking
+from lora_pipeline import redaction, tracking
 from lora_pipeline.config import MlflowConfig
 
 
@@ -37,7 +37,7 @@ def store(mlflow_workdir, tmp_path_factory):
     ],
 )
 def test_mask_secrets(raw, secret, kept):
-    masked = tracking.mask_secrets(raw)
+    masked = redaction.mask_secrets(raw)
     assert secret not in masked
     assert kept in masked
 
@@ -48,7 +48,7 @@ def test_mask_secrets(raw, secret, kept):
      "max_new_tokens=32", "https://x.example/?design=1"],
 )
 def test_mask_secrets_leaves_harmless_text_alone(harmless):
-    assert tracking.mask_secrets(harmless) == harmless
+    assert redaction.mask_secrets(harmless) == harmless
 
 
 def test_flatten_config_dots_keys_and_masks_secret_keys():
