@@ -1,7 +1,8 @@
 """Register a fine-tuned model in the MLflow Model Registry: transformers flavor, lineage, idempotent.
 
 A pipeline run that is retried (same ``run_key``) gets back the version it registered the first
-time instead of a duplicate. The model is logged with the MLflow transformers flavor under the
+time instead of a duplicate; a retry after a failed upload or version creation leaves one stored copy
+of the model (:mod:`lora_pipeline.logged_models`). The model is logged with the MLflow transformers flavor under the
 ``llm/v1/chat`` inference task: the pyfunc/serving signature takes OpenAI-style chat messages,
 while ``mlflow.transformers.load_model`` returns a plain ``text-generation`` pipeline.
 
@@ -32,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from packaging.version import Version
 
 from lora_pipeline.base_model import resolve_base_dir
+from lora_pipeline.logged_models import discard_logged_model, reusable_logged_model
 from lora_pipeline.redaction import mask_secrets
 from lora_pipeline.tracking import fluent_tracking_uri, log_artifacts, masked_tags, mlflow_client, set_tags
 
@@ -220,22 +222,44 @@ def _model_card(model_dir: Path, name: str) -> Any:
 
 
 def _log_transformers_model(tracking_uri: str, run_id: str, source: _ModelSource, input_example: Any,
-                            lineage: dict[str, str], name: str, eos_token_ids: list[int] | None) -> str:
-    """Log ``source`` with the transformers flavor into ``run_id``; returns the logged model id."""
-    import mlflow.transformers
+                            lineage: dict[str, str], name: str, eos_token_ids: list[int] | None) -> tuple[str, bool]:
+    """Log ``source`` with the transformers flavor into ``run_id``, or reuse this run key's complete upload.
 
+    Returns:
+        The logged model id, and whether this call uploaded it (False: an earlier attempt's READY model).
+    """
+    client = mlflow_client(tracking_uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    identity = {RUN_KEY_TAG: lineage[RUN_KEY_TAG], STORE_TAG: lineage[STORE_TAG]}
+    earlier = reusable_logged_model(tracking_uri, experiment_id, run_id, identity)
+    if earlier is not None:
+        logger.info("reusing logged model %s uploaded by an earlier attempt of run key %s", earlier.model_id,
+                    identity[RUN_KEY_TAG])
+        return earlier.model_id, False
     # Components, not the checkpoint path: MLflow 3.17's local-checkpoint path breaks on
     # transformers 5 (pipelines.check_task returns the pipeline class as a string).
     components = _components(source, eos_token_ids)
-    generation_config = components["model"].generation_config
-    stop_ids = _eos_list(generation_config.eos_token_id)
-    adapter_form = source.store == "adapter"
-    client = mlflow_client(tracking_uri)
-    experiment_id = client.get_run(run_id).info.experiment_id
     # Created here rather than by log_model, which would take the experiment from global state
     # (MLFLOW_EXPERIMENT_ID or the default experiment, whose artifacts go to ./mlruns).
     logged = client.create_logged_model(experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id,
                                         tags=lineage)
+    try:
+        _upload(tracking_uri, run_id, logged.model_id, components, source, input_example, name)
+    except BaseException:
+        # Nothing points at a partial upload (no version yet); its files must not stay behind either.
+        discard_logged_model(tracking_uri, logged)
+        raise
+    return logged.model_id, True
+
+
+def _upload(tracking_uri: str, run_id: str, model_id: str, components: dict[str, Any], source: _ModelSource,
+            input_example: Any, name: str) -> None:
+    """``mlflow.transformers.log_model`` into the logged model ``model_id`` (READY when it returns)."""
+    import mlflow.transformers
+
+    adapter_form = source.store == "adapter"
+    generation_config = components["model"].generation_config
+    stop_ids = _eos_list(generation_config.eos_token_id)
     with fluent_tracking_uri(tracking_uri):
         mlflow.transformers.log_model(
             transformers_model=components,
@@ -251,9 +275,8 @@ def _log_transformers_model(tracking_uri: str, run_id: str, source: _ModelSource
             # Passed to the pipeline on every pyfunc predict: MLflow serving stops at the whole set.
             model_config={"eos_token_id": stop_ids} if stop_ids else None,
             run_id=run_id,
-            model_id=logged.model_id,
+            model_id=model_id,
         )
-    return logged.model_id
 
 
 def _ensure_registered_model(tracking_uri: str, name: str) -> None:
@@ -329,12 +352,13 @@ def register_model(
     if adapter_dir is not None:
         log_artifacts(tracking_uri, run_id, Path(adapter_dir), ADAPTER_ARTIFACT_PATH)
         lineage["adapter_uri"] = f"runs:/{run_id}/{ADAPTER_ARTIFACT_PATH}"
-    model_id = _log_transformers_model(tracking_uri, run_id, source, input_example, lineage, name, eos)
+    model_id, uploaded = _log_transformers_model(tracking_uri, run_id, source, input_example, lineage, name, eos)
     # Logging takes seconds; checking again here shrinks the check-then-create window.
     existing = find_version_by_run_key(tracking_uri, name, run_key)
     if existing is not None:
         logger.info("run_key %s was registered meanwhile as %s", run_key, existing.model_uri)
-        mlflow_client(tracking_uri).delete_logged_model(model_id)  # our copy is now unused
+        if uploaded:  # our copy is now unused (a reused one may be what the existing version points at)
+            discard_logged_model(tracking_uri, mlflow_client(tracking_uri).get_logged_model(model_id))
         return existing
     _ensure_registered_model(tracking_uri, name)
     # Source "models:/<model_id>" links the version to its logged model (the SQL store keeps no
@@ -353,7 +377,8 @@ def register_model(
         logger.warning("run_key %s was registered concurrently as %s: deleting duplicate version %s",
                        run_key, winner.model_uri, created.version)
         mlflow_client(tracking_uri).delete_model_version(name, str(created.version))
-        mlflow_client(tracking_uri).delete_logged_model(model_id)
+        if uploaded:
+            discard_logged_model(tracking_uri, mlflow_client(tracking_uri).get_logged_model(model_id))
         return winner
     set_tags(tracking_uri, run_id, {**lineage, "registered_model_uri": f"models:/{name}/{created.version}"})
     return RegisteredVersion(name=name, version=str(created.version), run_id=run_id,
