@@ -13,7 +13,7 @@ from lora_pipeline.gate import gate_candidate, resolve_task_metric
 from lora_pipeline.reports import gate_rejected_notice, run_failed_notice
 from lora_pipeline.stages import registration_store
 from lora_pipeline.summary import RunSummary, code_version, final_metrics, lineage_tags, run_dir_for
-from lora_pipeline.redaction import mask_secrets
+from lora_pipeline.redaction import mask_secrets, redact_exception
 from lora_pipeline.tracking import TrackingRun
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
@@ -150,6 +150,7 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
         summary.status = "completed"
         return summary.to_dict()
     except Exception as exc:
+        redact_exception(exc)  # what Prefect makes the flow run's state message (its tasks' are clean already)
         if cfg.notify.on_failure:  # as with the gate: a notification that cannot be sent changes nothing
             announce(cfg.notify, run_failed_notice(cfg.registry.model_name, summary.error or f"{type(exc).__name__}: "
                                                    f"{exc}", summary.failed_stage, runtime.flow_run.name),

@@ -119,3 +119,38 @@ def mask_secrets(text: str) -> str:
     text = _SECRET_QUERY.sub(rf"\g<head>{MASK}", text)
     text = _BEARER.sub(rf"\g<head>{MASK}", text)
     return _HF_TOKEN.sub(MASK, text)
+
+
+def _masked(value: object) -> object:
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
+        return type(value)(mask_secrets(item) if isinstance(item, str) else item for item in value)
+    return value
+
+
+def redact_exception(exc: BaseException) -> BaseException:
+    """Remove secrets from an exception and the exceptions it chains to, in place; returns ``exc``.
+
+    Prefect makes a failed task's state message from ``str(exc)`` and may persist the exception as the
+    task's result: both happen after the task body raised, where no log record is involved. So the
+    exception itself is cleaned (same object, type and traceback): its string arguments, its string
+    attributes (``MlflowException.message``, ``OSError.filename``, ``CalledProcessError.cmd``) and notes,
+    along ``__cause__`` and ``__context__``.
+    """
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.args = tuple(_masked(arg) for arg in current.args)
+        attributes = dict(vars(current))
+        if isinstance(current, OSError):  # C-level attributes, not in __dict__
+            attributes.update(strerror=current.strerror, filename=current.filename, filename2=current.filename2)
+        for name, value in attributes.items():
+            masked = _masked(value)
+            if masked != value:
+                setattr(current, name, masked)
+        pending += [current.__cause__, current.__context__]
+    return exc

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -30,7 +31,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from lora_pipeline.redaction import MASK, mask_secrets
+from lora_pipeline.redaction import MASK, mask_secrets, register_secret
 
 if TYPE_CHECKING:
     from lora_pipeline.config import MlflowConfig
@@ -77,6 +78,35 @@ def resolve_tracking_uri(cfg: MlflowConfig, output_dir: Path) -> str:
         The URI to pass to every other function of this module.
     """
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
+
+
+def credentials_into_environment(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Move ``user:password@`` out of ``MLFLOW_TRACKING_URI`` into ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``.
+
+    The tracking URI travels: in every task's :class:`TrackingRun` (a cached task's result is persisted by
+    Prefect), the summary, the training ranks' environment. MLflow reads basic-auth credentials from its
+    two variables as well as from the URI, so the URI without them reaches the same server as the same
+    user and is safe to carry anywhere. Credentials in the URI win over the variables' earlier values.
+
+    Args:
+        environ: The environment to rewrite (default: this process's).
+
+    Returns:
+        True when the URI held credentials (now moved; the password is registered for redaction).
+    """
+    environ = os.environ if environ is None else environ
+    uri = environ.get("MLFLOW_TRACKING_URI", "")
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return False
+    environ["MLFLOW_TRACKING_URI"] = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    if parts.username:
+        environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password is not None:
+        environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+        register_secret(parts.password)
+        register_secret(environ["MLFLOW_TRACKING_PASSWORD"])
+    return True
 
 
 def registry_uri(tracking_uri: str) -> str:

@@ -8,16 +8,18 @@ from prefect import task
 from lora_pipeline import evaluate_stage
 from lora_pipeline.config import PipelineConfig
 from lora_pipeline.tracking import TrackingRun
-from tasks.policy import CACHED, HOUR, MINUTE, TRANSIENT_RETRIES
+from tasks.policy import CACHED, HOUR, MINUTE, TRANSIENT_RETRIES, redacts_secrets
 
 
 @task(name="evaluate", task_run_name="evaluate-{label}", timeout_seconds=6 * HOUR, **CACHED)
+@redacts_secrets
 def evaluate(cfg: PipelineConfig, run_dir: str, label: str, adapter_dir: str | None = None) -> dict[str, float]:
     """Task and regression metrics of the quantised base, the full-precision base or the candidate."""
     return evaluate_stage.evaluate(cfg, Path(run_dir), label, Path(adapter_dir) if adapter_dir else None)
 
 
 @task(name="evaluate_champion", timeout_seconds=6 * HOUR, **TRANSIENT_RETRIES, **CACHED)
+@redacts_secrets
 def evaluate_champion(cfg: PipelineConfig, run_dir: str, run: TrackingRun, run_key: str,
                       base_fingerprint: str) -> dict[str, Any] | None:
     """Score the registry's current champion on this run's suites (None when there is none)."""
@@ -26,6 +28,7 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: str, run: TrackingRun, run_k
 
 
 @task(name="compare_models", timeout_seconds=10 * MINUTE, **CACHED)
+@redacts_secrets
 def compare_models(run_dir: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
     """JSON table and PNG bar chart of every scored model, and the quantisation cost, under ``run_dir/eval``."""
     return evaluate_stage.compare_models(Path(run_dir), results)
@@ -33,6 +36,7 @@ def compare_models(run_dir: str, results: dict[str, dict[str, float]]) -> dict[s
 
 @task(name="evaluate_registered", task_run_name="evaluate-{label}", timeout_seconds=6 * HOUR, **TRANSIENT_RETRIES,
       **CACHED)
+@redacts_secrets
 def evaluate_registered(cfg: PipelineConfig, run_dir: str, run: TrackingRun, version: str,
                         label: str) -> dict[str, float]:
     """Score a registered version as registered (what serving loads) on this run's suites."""

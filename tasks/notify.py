@@ -8,12 +8,13 @@ from prefect.events import emit_event
 
 from lora_pipeline.config import NotifyConfig
 from lora_pipeline.reports import Notice
-from tasks.policy import MINUTE, TRANSIENT_RETRIES
+from tasks.policy import MINUTE, TRANSIENT_RETRIES, redacts_secrets
 
 
 # Retried: the notification service may be briefly unreachable. The event is raised after the message
 # went out, so a retried attempt does not raise it twice.
 @task(name="announce", timeout_seconds=5 * MINUTE, **TRANSIENT_RETRIES)
+@redacts_secrets
 def announce(notify: NotifyConfig, notice: Notice) -> bool:
     """Send ``notice`` through ``notify.block`` (when set) and raise its Prefect event.
 

@@ -8,6 +8,8 @@
   takes every finished stage from cache (state ``Cached``) and runs only what failed. The inputs are
   the config and paths inside the flow run's own directory, which a retry reuses.
 - Timeouts: each task has one that fits its work; training's is the longest.
+- Secrets: :func:`redacts_secrets` cleans a task's exception before Prefect turns it into the
+  state message and the persisted result, which no log redaction reaches.
 - Concurrency: :func:`one_run_per_model` holds a per-model global concurrency limit (one slot) from
   training to registration, so two runs of the same model never train or register at once; runs of
   different models proceed in parallel.
@@ -15,14 +17,18 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect.tasks import exponential_backoff
 
 from lora_pipeline.errors import is_transient
+from lora_pipeline.redaction import redact_exception
+
+P, R = ParamSpec("P"), TypeVar("R")
 
 MINUTE, HOUR = 60, 3600
 
@@ -45,6 +51,28 @@ TRANSIENT_RETRIES: dict[str, Any] = {
 }
 #: Persisted results, so a flow-run retry finds them (Prefect's default cache policy keys them).
 CACHED: dict[str, Any] = {"persist_result": True}
+
+
+def redacts_secrets(fn: Callable[P, R]) -> Callable[P, R]:
+    """Put under ``@task``: an exception leaves the task's body with every known secret masked.
+
+    Prefect records a failure as the state message ``"<Type>: <str(exc)>"`` and may persist the exception
+    itself as the task's result; a connection error that quotes ``http://user:password@host`` would carry
+    the password into the UI and the result store. :func:`lora_pipeline.redaction.redact_exception` cleans
+    it in place (same type, so retry decisions and ``except`` clauses are unchanged).
+
+    Not for flows: Prefect validates a flow's parameters against the annotations of the function it
+    wraps, resolved in that function's module, which a wrapper defined here would not be.
+    """
+    @functools.wraps(fn)  # Prefect reads the signature (parameters) and source (cache key) through __wrapped__
+    def body(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            redact_exception(exc)
+            raise
+
+    return body
 
 
 def model_concurrency_limit(model_name: str) -> str:

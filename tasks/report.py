@@ -9,11 +9,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from lora_pipeline import reports, tracking
-from tasks.policy import MINUTE, TRANSIENT_RETRIES
+from tasks.policy import MINUTE, TRANSIENT_RETRIES, redacts_secrets
 
 
 # Retried: it reads the run's experiment from a tracking server that may be briefly unreachable.
 @task(name="publish_gate_report", timeout_seconds=10 * MINUTE, **TRANSIENT_RETRIES)
+@redacts_secrets
 def publish_gate_report(model_name: str, run: tracking.TrackingRun, gate: dict[str, Any],
                         results: dict[str, dict[str, float]], task_metric: str, kind: str = "gate",
                         version: str | None = None) -> dict[str, Any]:
