@@ -1,66 +1,27 @@
-"""Checkpoints survive crashes: a killed run resumes where it stopped; a corrupt newest one is set aside."""
+"""Checkpoints: every saved one has a manifest, and finished training is reused rather than repeated.
+
+The faults (killed, terminated, corrupt, incomplete, planted pickles, two runs of one key):
+tests/reliability/test_killed_training.py.
+"""
 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_pipeline.checkpoints import MANIFEST_NAME, SET_ASIDE_DIRNAME, checkpoint_problem, latest_valid_checkpoint
-from lora_pipeline.config_files import load_config
-from lora_pipeline.formatting import format_dataset
-from lora_pipeline.modeling import load_tokenizer
+from lora_pipeline.checkpoints import MANIFEST_NAME, checkpoint_problem
 from lora_pipeline.training import train_qlora
+from tests.helpers.trainings import setup, uninterrupted  # noqa: F401  (fixtures)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_FILE = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_model_dir, tiny_rows_path, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"output_dir={root}", f"data.path={tiny_rows_path}",
-        "train.max_steps=8", "train.warmup_steps=1", "train.save_steps=4", "train.logging_steps=1",
-        "train.per_device_batch_size=4", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1",
-        "train.learning_rate=5e-3",
-    ])
-    tokenized = root / "tokenized.jsonl"
-    format_dataset(load_tokenizer(cfg.model), tiny_rows_path, tokenized, cfg.data.max_length)
-    return cfg, tokenized, root
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(setup):
-    cfg, tokenized, root = setup
-    result = train_qlora(cfg, tokenized, root / "straight", checkpoint_dir=root / "straight-ckpt")
-    return result, root / "straight-ckpt"
 
 
 def _adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / ADAPTER_FILE))
-
-
-def _train_in_a_process(helper: str, cfg, tokenized: Path, root: Path, checkpoints: Path, step: int):
-    """``python -m tests.helpers.<helper>``: train in a child process that is stopped at ``step`` (SIGKILL
-    after that checkpoint, or SIGTERM during the next step); returns the finished process."""
-    config_json = root / "config.json"
-    config_json.write_text(cfg.model_dump_json())
-    return subprocess.run(
-        [sys.executable, "-m", f"tests.helpers.{helper}", str(config_json), str(tokenized), str(root / "run1"),
-         str(checkpoints), str(step)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
-
-
-def _with_save_steps(cfg, save_steps: int):
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"save_steps": save_steps})})
 
 
 def test_every_saved_checkpoint_has_a_manifest(uninterrupted):
@@ -73,80 +34,6 @@ def test_every_saved_checkpoint_has_a_manifest(uninterrupted):
         assert checkpoint_problem(checkpoint) is None
 
 
-def test_killed_training_resumes_from_its_last_checkpoint(setup, uninterrupted, tmp_path):
-    cfg, tokenized, _ = setup
-    checkpoints = tmp_path / "ckpt"
-    killed = _train_in_a_process("train_then_die", cfg, tokenized, tmp_path, checkpoints, 4)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [p.name for p in checkpoints.iterdir() if p.is_dir()] == ["checkpoint-4"]
-
-    logged: list[int] = []
-
-    def flaky_tracking_server(metrics, step):
-        if "loss" in metrics:
-            logged.append(step)
-        if step == 6:
-            raise ConnectionError("tracking server 503")  # a metrics sink that fails never stops training
-
-    resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints,
-                          metrics_sink=flaky_tracking_server)
-    assert resumed.metrics["resumed_from_step"] == 4 and resumed.metrics["global_step"] == 8
-    assert logged == [5, 6, 7, 8]  # per-step losses: the global step continues, it does not restart
-    # Same final adapter as a run that was never interrupted: the optimizer moments, scheduler, RNG
-    # (LoRA dropout is on) and data position were all restored. A fresh Adam would differ by far more.
-    straight = _adapter(uninterrupted[0].adapter_dir)
-    after_resume = _adapter(resumed.adapter_dir)
-    assert straight.keys() == after_resume.keys()
-    for name, tensor in straight.items():
-        torch.testing.assert_close(after_resume[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_a_resumed_run_outlives_the_rotation_of_the_checkpoint_it_resumed_from(setup, tmp_path):
-    """Killed after checkpoint-2, resumed: checkpoints 4, 6 and 8 follow and save_total_limit (2) rotates
-    checkpoint-2 away mid-run. The end of the run once read that checkpoint again (FileNotFoundError, hidden
-    by a task retry); it must succeed on its first attempt."""
-    cfg, tokenized, _ = setup
-    cfg = _with_save_steps(cfg, 2)
-    checkpoints = tmp_path / "ckpt"
-    killed = _train_in_a_process("train_then_die", cfg, tokenized, tmp_path, checkpoints, 2)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints)
-    assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["global_step"] == 8
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-6", "checkpoint-8"]
-    assert resumed.metrics["tokens_per_second"] > 0  # this session's tokens, counted from checkpoint-2
-
-
-def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_used(setup, uninterrupted, tmp_path):
-    cfg, tokenized, _ = setup
-    checkpoints = tmp_path / "ckpt"
-    subprocess.run(["cp", "-r", str(uninterrupted[1]), str(checkpoints)], check=True)
-    adapter = checkpoints / "checkpoint-8" / ADAPTER_FILE
-    data = bytearray(adapter.read_bytes())
-    data[-100] ^= 0xFF  # one flipped byte: same size, different content
-    adapter.write_bytes(bytes(data))
-    assert checkpoint_problem(checkpoints / "checkpoint-8") == "corrupt-file"
-
-    assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
-    (aside,) = (checkpoints / SET_ASIDE_DIRNAME).iterdir()
-    assert aside.name.startswith("checkpoint-8-corrupt-file-") and (aside / ADAPTER_FILE).is_file()
-
-    resumed = train_qlora(cfg, tokenized, tmp_path / "run", checkpoint_dir=checkpoints)
-    assert resumed.metrics["resumed_from_step"] == 4 and resumed.metrics["global_step"] == 8
-
-
-def test_incomplete_checkpoint_is_never_resumed(tmp_path):
-    complete, partial = tmp_path / "checkpoint-2", tmp_path / "checkpoint-3"
-    for directory in (complete, partial):
-        directory.mkdir()
-        (directory / ADAPTER_FILE).write_bytes(b"weights")
-    from lora_pipeline.checkpoints import write_manifest
-
-    write_manifest(complete)  # checkpoint-3 crashed before its manifest
-    assert latest_valid_checkpoint(tmp_path) == complete
-    assert [p.name.split("-")[2] for p in (tmp_path / SET_ASIDE_DIRNAME).iterdir()] == ["incomplete"]
-    assert latest_valid_checkpoint(tmp_path / "missing") is None
-
-
 def test_rerunning_finished_training_reuses_it(setup, uninterrupted, tmp_path):
     cfg, tokenized, _ = setup
     checkpoints = tmp_path / "ckpt"
@@ -155,121 +42,3 @@ def test_rerunning_finished_training_reuses_it(setup, uninterrupted, tmp_path):
     assert again.metrics["resumed_from_step"] == 8 and again.metrics["global_step"] == 8
     for name, tensor in _adapter(uninterrupted[0].adapter_dir).items():
         assert torch.equal(_adapter(again.adapter_dir)[name], tensor), name
-
-
-def test_two_runs_of_one_run_key_take_turns_and_never_interleave_checkpoints(setup, uninterrupted, tmp_path):
-    """While one run holds the run key (the test holds its lock), a second run of the same training waits;
-    once it is released it resumes from the first run's checkpoints instead of writing beside them."""
-    import threading
-
-    from lora_pipeline.checkpoints import exclusive_run_key
-
-    cfg, tokenized, _ = setup
-    checkpoints = tmp_path / "checkpoints" / "same-key"
-    outcome: dict = {}
-
-    def second_run():
-        with exclusive_run_key(checkpoints):
-            outcome["result"] = train_qlora(cfg, tokenized, tmp_path / "second", checkpoint_dir=checkpoints)
-
-    with exclusive_run_key(checkpoints):  # the first run: it "trains" by copying a finished training in
-        waiter = threading.Thread(target=second_run)
-        waiter.start()
-        waiter.join(timeout=3)
-        assert waiter.is_alive() and not checkpoints.exists()  # waiting, nothing written
-        subprocess.run(["cp", "-r", str(uninterrupted[1]), str(checkpoints)], check=True)
-    waiter.join(timeout=600)
-    assert outcome["result"].metrics["resumed_from_step"] == 8  # it found the first run's work finished
-    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-8"]
-
-
-def test_only_rank_zero_sets_a_broken_checkpoint_aside(uninterrupted, tmp_path):
-    checkpoints = tmp_path / "ckpt"
-    subprocess.run(["cp", "-r", str(uninterrupted[1]), str(checkpoints)], check=True)
-    (checkpoints / "checkpoint-8" / ADAPTER_FILE).write_bytes(b"truncated")
-    # Another rank chooses the same checkpoint and leaves the broken one where it is ...
-    assert latest_valid_checkpoint(checkpoints, set_aside=False) == checkpoints / "checkpoint-4"
-    assert (checkpoints / "checkpoint-8").is_dir() and not (checkpoints / SET_ASIDE_DIRNAME).exists()
-    # ... rank 0 moves it aside.
-    assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-4"
-    assert not (checkpoints / "checkpoint-8").exists()
-
-
-class _WritesAMarker:
-    """Unpickling this calls open(marker, "w"): what a hostile checkpoint file would do instead."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
-
-
-@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin",
-                                  "adapter_model.bin"])
-def test_a_pickle_planted_in_a_checkpoint_never_runs(setup, uninterrupted, tmp_path, name):
-    """An attacker who can write the checkpoint directory (and so its manifest too) plants a pickle whose
-    unpickling would write a marker file: resuming refuses it or ignores it, and the marker never appears."""
-    import pickle
-
-    from lora_pipeline.checkpoints import write_manifest
-
-    cfg, tokenized, _ = setup
-    checkpoints = tmp_path / "ckpt"
-    checkpoints.mkdir()
-    subprocess.run(["cp", "-r", str(uninterrupted[1] / "checkpoint-4"), str(checkpoints)], check=True)
-    marker = tmp_path / "pwned"
-    (checkpoints / "checkpoint-4" / name).write_bytes(pickle.dumps(_WritesAMarker(marker)))
-    write_manifest(checkpoints / "checkpoint-4")  # the manifest matches: only unpickling could stop it
-    try:
-        result = train_qlora(cfg, tokenized, tmp_path / "run", checkpoint_dir=checkpoints)
-    except Exception as exc:  # refused: torch.load(weights_only=True) rejects the pickle's globals
-        assert "weights_only" in str(exc) or "Unpickl" in type(exc).__name__ + str(exc), exc
-    else:  # ignored: the file is never unpickled (training_args.bin; adapter weights load from safetensors)
-        assert result.metrics["global_step"] == 8
-    assert not marker.exists()
-
-
-def test_sigterm_saves_a_checkpoint_before_training_stops_and_the_next_run_resumes_there(setup, uninterrupted,
-                                                                                      tmp_path):
-    """No periodic checkpoint would come before step 8 (save_steps 100): SIGTERM during step 3 still leaves an
-    intact checkpoint-3, training stops with a clear error (no adapter of a cut-short run), and the next run
-    resumes from step 3 to the same adapter as an uninterrupted run."""
-    cfg, tokenized, _ = setup
-    cfg = _with_save_steps(cfg, 100)
-    checkpoints = tmp_path / "ckpt"
-    termed = _train_in_a_process("train_then_term", cfg, tokenized, tmp_path, checkpoints, 2)
-    assert termed.returncode == 3, termed.stderr[-3000:]
-    assert "training stopped by SIGTERM at step 3 of 8" in termed.stderr
-    assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-3"
-    assert not (tmp_path / "run1" / "adapter").exists()
-    resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints)
-    assert resumed.metrics["resumed_from_step"] == 3 and resumed.metrics["global_step"] == 8
-    straight = _adapter(uninterrupted[0].adapter_dir)
-    for name, tensor in _adapter(resumed.adapter_dir).items():
-        torch.testing.assert_close(tensor, straight[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_a_full_disk_while_saving_a_checkpoint_is_a_clear_error_and_earlier_checkpoints_stay_intact(
-        setup, tmp_path, monkeypatch):
-    import errno
-
-    from lora_pipeline.checkpoints import DiskFullError
-
-    cfg, tokenized, _ = setup
-    checkpoints = tmp_path / "ckpt"
-    real_save = torch.save
-
-    def fills_up_at_checkpoint_8(obj, f, *args, **kwargs):
-        if "checkpoint-8" in str(f):
-            Path(f).write_bytes(b"\0" * 100)  # what fitted before the disk filled up
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", fills_up_at_checkpoint_8)
-    with pytest.raises(DiskFullError, match="disk full while saving a checkpoint under .*earlier checkpoints are "
-                                            "intact"):
-        train_qlora(cfg, tokenized, tmp_path / "run", checkpoint_dir=checkpoints)
-    monkeypatch.setattr(torch, "save", real_save)
-    assert latest_valid_checkpoint(checkpoints) == checkpoints / "checkpoint-4"  # checkpoint-8 set aside
-    assert not (tmp_path / "run" / "adapter").exists()

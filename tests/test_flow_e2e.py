@@ -1,4 +1,8 @@
-"""End to end: the Prefect flow on a tiny model and tiny data, from rows to a registered version."""
+"""End to end: the Prefect flow on a tiny model and tiny data, from rows to a registered version.
+
+A hung stage, transient and permanent failures, and a secret block's value: tests/reliability/
+(test_hung_and_transient.py, test_secrets.py), on a Prefect API of their own.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import pytest
 from lora_pipeline.loading import load_text_generation
 from lora_pipeline.run_request import as_worker
 from tests.helpers.configs import write_jsonl, write_tiny_config
-from tests.helpers.webhook import webhook_receiver
+from tests.helpers.flows import NOTIFY, alert_webhook, run_flow
 
 STAGES = ["resolve_assets", "validate_data", "format_prompts", "train_qlora", "evaluate", "gate", "merge", "register",
           "apply_aliases"]
@@ -25,26 +29,11 @@ def prefect_api(tmp_path_factory):
         yield
 
 
-def run_flow(config: Path, *overrides: str, summary_json: Path | None = None) -> dict:
-    """The flow as `lora-pipeline run` runs it: this process is the worker, its overrides are trusted."""
-    from flows.finetune import finetune  # imported late: Prefect reads the environment at import
-
-    with as_worker(config, overrides, summary_json):
-        return finetune(config_path=str(config))
-
-
 @pytest.fixture(scope="module")
 def alerts(prefect_api):
     """A webhook on loopback behind a saved Prefect notification block; runs name it with NOTIFY."""
-    from prefect.blocks.notifications import CustomWebhookNotificationBlock
-
-    with webhook_receiver() as (url, received):
-        CustomWebhookNotificationBlock(name="e2e", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"},
-                                       allow_private_urls=True).save("e2e-alerts", overwrite=True)
+    with alert_webhook() as received:
         yield received
-
-
-NOTIFY = "notify.block=custom-webhook/e2e-alerts"
 
 
 def read_artifact(key: str) -> str:
@@ -350,33 +339,6 @@ def test_a_flow_retry_takes_finished_stages_from_cache_and_runs_only_what_failed
     assert register_states.count("Failed") == 1 and register_states.count("Completed") == 1
 
 
-def test_a_transient_failure_is_retried_by_the_task_and_a_permanent_one_is_not(prefect_api, small_config,
-                                                                               monkeypatch):
-    from flows.promote import promote
-
-    from lora_pipeline import promotion
-
-    real, attempts = promotion.promote, []
-
-    def flaky(*args, **kwargs):
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise ConnectionResetError("the registry dropped the connection")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(promotion, "promote", flaky)
-    with as_worker(small_config):
-        assert promote(model_name="e2e-tiny", version="1", reason="flaky", config_path=str(small_config),
-                       force=True)["champion"] == "1"
-    assert len(attempts) == 2  # retried once, after a backoff
-    attempts.clear()
-    monkeypatch.setattr(promotion, "promote", lambda *a, **k: attempts.append(1) or (_ for _ in ()).throw(
-        KeyError("a bug")))
-    with as_worker(small_config), pytest.raises(KeyError):
-        promote(model_name="e2e-tiny", version="1", reason="bug", config_path=str(small_config))
-    assert len(attempts) == 1  # permanent: not retried
-
-
 def test_the_evaluate_flow_rescores_a_version_against_the_champion_and_tags_the_decision(prefect_api, small_config):
     """Runs after the flows above: e2e-tiny has versions 1 (merged) and 2, one of them champion."""
     from flows.evaluate import evaluate_version
@@ -401,93 +363,3 @@ def test_the_evaluate_flow_rescores_a_version_against_the_champion_and_tags_the_
                                                         f": e2e-tiny version {challenger}")
     run = MlflowClient(uri).get_run(summary["mlflow_run_id"])
     assert f"eval/v{challenger}/task_exact_match" in run.data.metrics
-
-
-def test_a_secret_block_reaches_the_run_environment_and_never_its_logs_summary_notices_or_mlflow(
-        prefect_api, alerts, small_config, tmp_path, monkeypatch):
-    """``secrets.env`` names a Prefect Secret block; the run sees its value in its environment, and the value
-    is redacted wherever the run writes: Prefect logs (a traceback included), the summary, the failure notice,
-    MLflow params and tags, and every file under output_dir."""
-    import os
-    import uuid
-
-    from mlflow import MlflowClient
-    from prefect.blocks.system import Secret
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    from lora_pipeline import stages
-    from lora_pipeline.redaction import forget_secrets
-
-    canary = f"canary-{uuid.uuid4().hex}"
-    Secret(value=canary).save("e2e-canary", overwrite=True)
-    seen = {}
-
-    def leaky_stage(*args, **kwargs):  # a stage that uses the credential and then fails with it in the error
-        from prefect import get_run_logger
-
-        seen["value"] = os.environ.get("LP_TEST_DB_PASSWORD")
-        get_run_logger().warning("connecting with password %s", seen["value"])  # shipped to the Prefect API
-        raise RuntimeError(f"login refused: postgresql://svc:{seen['value']}@db.internal/x (password {seen['value']})")
-
-    monkeypatch.setattr(stages, "validate_data", leaky_stage)
-    summary_path = tmp_path / "summary.json"
-    alerts.clear()
-    try:
-        with pytest.raises(RuntimeError):
-            run_flow(small_config, NOTIFY, "secrets.env.LP_TEST_DB_PASSWORD=e2e-canary", "registry.model_name=e2e-secret",
-                     summary_json=summary_path)
-        assert seen["value"] == canary  # the block's value was in the run's environment
-    finally:
-        os.environ.pop("LP_TEST_DB_PASSWORD", None)
-        forget_secrets()
-    summary = json.loads(summary_path.read_text())
-    assert canary not in summary_path.read_text() and "password ***" in summary["error"]
-    (message,) = alerts
-    assert canary not in json.dumps(message) and "password ***" in message["body"]
-
-    async def logs():
-        async with get_client() as client:
-            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["flow_run_id"]])))
-
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + 30  # the API log handler ships records in batches
-    while not any("connecting with password" in log.message for log in asyncio.run(logs())):
-        assert time.monotonic() < deadline, "the run's logs never reached the Prefect API"
-        time.sleep(1)
-    messages = [log.message for log in asyncio.run(logs())]
-    assert any("connecting with password ***" in line for line in messages), messages
-    assert any("Traceback" in line for line in messages)  # the failure's traceback was logged ...
-    assert not [line for line in messages if canary in line]  # ... redacted, like every other line
-    client = MlflowClient(summary["mlflow_tracking_uri"])
-    run = client.get_run(summary["mlflow_run_id"])
-    assert canary not in json.dumps([run.data.params, run.data.tags])
-    assert run.data.params["secrets.env.LP_TEST_DB_PASSWORD"] == "***"  # a secret-looking key: even the block name
-    for path in (small_config.parent / "outputs").rglob("*"):
-        if path.is_file():
-            assert canary.encode() not in path.read_bytes(), path
-
-
-def test_a_hung_stage_hits_its_timeout_and_takes_its_process_tree_with_it(prefect_api, tmp_path):
-    """A stage's child processes (torchrun and its ranks, here a hung parent and grandchild) are gone once
-    its Prefect timeout fires; the task run ends TimedOut (a failed state)."""
-    from prefect import flow, task
-
-    from lora_pipeline.processes import run_process_group
-    from tests.test_processes import assert_grandchild_gone, hung_tree
-
-    pid_file = tmp_path / "grandchild.pid"
-
-    @task(timeout_seconds=4)
-    def hung_stage() -> int:
-        return run_process_group(hung_tree(pid_file), poll_seconds=0.2)
-
-    @flow
-    def pipeline() -> tuple[str, bool]:
-        state = hung_stage(return_state=True)
-        return state.name, state.is_failed()
-
-    assert pipeline() == ("TimedOut", True)
-    assert_grandchild_gone(pid_file)

@@ -1,4 +1,7 @@
-"""Registering a model: transformers flavor, lineage tags, idempotent per run key, loadable."""
+"""Registering a model: transformers flavor, lineage tags, idempotent per run key, loadable.
+
+The faults (a lost response, races, concurrent processes): tests/reliability/test_registration_faults.py.
+"""
 
 from __future__ import annotations
 
@@ -9,44 +12,9 @@ from lora_pipeline import tracking
 from lora_pipeline.config import RegistryConfig
 from lora_pipeline.loading import load_text_generation
 from lora_pipeline.registry import RegisteredVersion, find_version_by_run_key, register_model
-from tests.tiny_model import build_tiny_llama
-
-NAME = "tiny-llama"
-LINEAGE = {"data_hash": "d41d8cd9", "config_hash": "0123abcd", "base_model": "builtin:demo",
-           "flow_run_id": "flow-1", "git_commit": "deadbeef", "task_exact_match": "0.9"}
-PROMPT = [{"role": "user", "content": "what is the capital of france?"}]
-
-
-@pytest.fixture(autouse=True)
-def nothing_in_cwd(mlflow_workdir):
-    yield
-    assert sorted(p.name for p in mlflow_workdir.iterdir()) == []  # no ./mlruns, no ./mlflow.db
-
-
-@pytest.fixture(scope="module")
-def env(mlflow_workdir, tmp_path_factory):
-    """A tiny model + adapter dir, a tracking store and one pipeline run (built once: ~3 s)."""
-    out = tmp_path_factory.mktemp("out")
-    model = build_tiny_llama(out / "merged")
-    adapter = out / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"r": 4}')
-    uri = tracking.default_tracking_uri(out)
-    run_id = tracking.start_pipeline_run(uri, "exp", out / "mlartifacts", "run", {})
-    return {"out": out, "model": model, "adapter": adapter, "uri": uri, "run_id": run_id}
-
-
-def _register(env, run_key: str, name: str = NAME, tags=LINEAGE) -> RegisteredVersion:
-    return register_model(
-        tracking_uri=env["uri"], run_id=env["run_id"], model_dir=env["model"].path,
-        registry_cfg=RegistryConfig(model_name=name), run_key=run_key, tags=tags,
-        input_example=PROMPT, adapter_dir=env["adapter"],
-    )
-
-
-@pytest.fixture(scope="module")
-def first(env):
-    return _register(env, "key-1")
+from tests.helpers.registry import LINEAGE, NAME, PROMPT, env, first, nothing_in_cwd  # noqa: F401  (fixtures)
+from tests.helpers.registry import register as _register
+from tests.helpers.registry import register_in_processes as _register_in_processes
 
 
 def test_first_registration_creates_version_1_with_lineage(env, first):
@@ -135,64 +103,6 @@ def test_missing_model_dir_is_named(env, tmp_path):
                        registry_cfg=RegistryConfig(model_name=NAME), run_key="k", tags={}, input_example="hi")
 
 
-def test_registration_that_lost_a_race_returns_the_winner(env, first, monkeypatch):
-    """A version for the run key appearing while the model was being logged is returned, not duplicated."""
-    from lora_pipeline import registry
-
-    real_find = registry.find_version_by_run_key
-    calls = []
-
-    def miss_first_lookup(*args):
-        calls.append(args)
-        return None if len(calls) == 1 else real_find(*args)
-
-    monkeypatch.setattr(registry, "find_version_by_run_key", miss_first_lookup)
-    again = _register(env, "key-1")
-    assert (again.version, again.created, len(calls)) == ("1", False, 2)
-    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
-    assert all(v.tags["run_key"] != "key-1" or str(v.version) == "1"
-               for v in client.search_model_versions(f"name = '{NAME}'"))
-
-
-def test_duplicate_created_by_a_concurrent_registration_is_removed(env, first, monkeypatch):
-    """Both lookups missed (a true race): the newer version is deleted and the oldest returned."""
-    from lora_pipeline import registry
-
-    _register(env, "key-race", name="tiny-llama-race")  # the registration that won, version 1
-    real_find = registry.find_version_by_run_key
-    calls = []
-
-    def miss_two_lookups(*args):
-        calls.append(args)
-        return None if len(calls) <= 2 else real_find(*args)
-
-    monkeypatch.setattr(registry, "find_version_by_run_key", miss_two_lookups)
-    loser = _register(env, "key-race", name="tiny-llama-race")
-    assert (loser.version, loser.created, len(calls)) == ("1", False, 3)
-    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
-    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-llama-race'")] == ["1"]
-
-
-def _register_in_processes(env, name: str, run_keys: list[str], barrier) -> list[dict]:
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    barrier.mkdir()
-    repo = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.helpers.register_concurrently", env["uri"], env["run_id"],
-         str(env["model"].path), name, key, str(barrier), str(len(run_keys))],
-        cwd=barrier, env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for key in run_keys]
-    outputs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-
-
 def test_two_processes_registering_different_runs_get_distinct_correct_versions(env, tmp_path):
     results = _register_in_processes(env, "tiny-llama-parallel", ["run-a", "run-b"], tmp_path / "barrier")
     assert sorted(r["version"] for r in results) == ["1", "2"] and all(r["created"] for r in results)
@@ -200,14 +110,6 @@ def test_two_processes_registering_different_runs_get_distinct_correct_versions(
     for key, result in zip(["run-a", "run-b"], results, strict=True):
         stored = client.get_model_version("tiny-llama-parallel", result["version"])
         assert stored.tags["run_key"] == key and stored.tags["data_hash"] == key
-
-
-def test_two_processes_registering_one_run_get_one_version(env, tmp_path):
-    results = _register_in_processes(env, "tiny-llama-same-run", ["run-x", "run-x"], tmp_path / "barrier")
-    assert results[0]["version"] == results[1]["version"]
-    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
-    versions = client.search_model_versions("name = 'tiny-llama-same-run'")
-    assert [str(v.version) for v in versions if v.tags.get("run_key") == "run-x"] == [results[0]["version"]]
 
 
 def test_promote_then_rollback_restores_the_previous_champion(env):
@@ -266,37 +168,3 @@ def test_a_version_that_failed_the_gate_is_promoted_only_with_force(env):
         promotion.promote(env["uri"], name, version)
     assert promotion.version_by_alias(env["uri"], name, "champion") is None
     assert promotion.promote(env["uri"], name, version, force=True)["champion"] == version
-
-
-def test_a_registration_whose_response_was_lost_is_retried_into_exactly_one_version(env, monkeypatch):
-    """The registry created the version, then the connection dropped before the answer arrived: the task's
-    retry (a ConnectionError is transient) finds the version by its run key instead of creating another."""
-    from lora_pipeline import registry
-    from lora_pipeline.errors import is_transient
-
-    name = "tiny-llama-lost-response"
-    real_client = registry.mlflow_client
-    lost = []
-
-    class LosesTheFirstAnswer:
-        def __init__(self, client):
-            self._client = client
-
-        def __getattr__(self, attribute):
-            return getattr(self._client, attribute)
-
-        def create_model_version(self, *args, **kwargs):
-            created = self._client.create_model_version(*args, **kwargs)  # done on the server ...
-            if not lost:
-                lost.append(str(created.version))
-                raise ConnectionResetError("connection reset by peer")  # ... but the answer never arrives
-            return created
-
-    monkeypatch.setattr(registry, "mlflow_client", lambda uri: LosesTheFirstAnswer(real_client(uri)))
-    with pytest.raises(ConnectionResetError) as first_attempt:
-        _register(env, "key-lost", name=name)
-    assert is_transient(first_attempt.value)  # so the register task retries it
-    retried = _register(env, "key-lost", name=name)
-    assert (retried.version, retried.created) == (lost[0], False)
-    client = mlflow.MlflowClient(env["uri"], registry_uri=env["uri"])
-    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [lost[0]]

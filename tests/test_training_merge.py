@@ -1,4 +1,7 @@
-"""QLoRA training on a tiny model: the 4-bit base stays frozen, the adapter learns, the merge is exact."""
+"""QLoRA training on a tiny model: the 4-bit base stays frozen, the adapter learns, the merge is exact.
+
+A full disk while saving the merged model: tests/reliability/test_full_disk.py.
+"""
 
 from pathlib import Path
 
@@ -15,21 +18,7 @@ from lora_pipeline.merge import MergeError, merge_adapter, merge_lora
 from lora_pipeline.modeling import load_base_model, load_tokenizer
 from lora_pipeline.training import train_qlora
 from tests.conftest import chat_rows
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tiny_rows_path, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"output_dir={run_dir}", f"data.path={tiny_rows_path}",
-        "train.max_steps=12", "train.warmup_steps=1", "train.save_steps=6", "train.logging_steps=4",
-        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.learning_rate=5e-3",
-    ])
-    tokenizer = load_tokenizer(cfg.model)
-    format_dataset(tokenizer, tiny_rows_path, run_dir / "tokenized.jsonl", cfg.data.max_length)
-    logged: list[tuple[int, dict]] = []
-    result = train_qlora(cfg, run_dir / "tokenized.jsonl", run_dir, metrics_sink=lambda m, s: logged.append((s, dict(m))))
-    return cfg, run_dir, result, logged
+from tests.helpers.trainings import trained  # noqa: F401  (fixture)
 
 
 def test_training_reports_metrics_and_streams_steps(trained):
@@ -128,20 +117,3 @@ def test_lora_and_packing_options_reach_the_adapter(tiny_model_dir, tiny_rows_pa
         assert result.metrics["train_sequences"] < samples
     else:
         assert result.metrics["train_sequences"] == samples
-
-
-def test_a_full_disk_while_saving_the_merged_model_writes_nothing(trained, tmp_path, monkeypatch):
-    import errno
-
-    from transformers import PreTrainedModel
-
-    cfg, _, result, _ = trained
-
-    def fills_up(self, directory, *args, **kwargs):
-        (Path(directory) / "model.safetensors").write_bytes(b"\0" * 100)  # a truncated weights file
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_up)
-    with pytest.raises(MergeError, match="disk full while writing the merged model"):
-        merge_adapter(cfg, result.adapter_dir, tmp_path / "merged", _prompts(cfg, result.adapter_dir, 2), [2])
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no merged dir, no partial one: nothing to register
