@@ -7,6 +7,7 @@ ranks through their environment, never their command line or a file. (The redact
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -74,6 +75,28 @@ def test_a_secret_block_reaches_the_run_environment_and_never_its_logs_summary_n
     assert any("connecting with password ***" in line for line in messages), messages
     assert any("Traceback" in line for line in messages)  # the failure's traceback was logged ...
     assert not [line for line in messages if canary in line]  # ... redacted, like every other line
+
+    async def states():
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(summary["flow_run_id"])
+            task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+                any_=[flow_run.id])))
+            return flow_run, task_runs
+
+    flow_run, task_runs = asyncio.run(states())
+    (failed,) = [t for t in task_runs if t.state.is_failed()]
+    # The state messages the UI shows (Prefect makes them from the exception, past any log redaction).
+    assert failed.name.startswith("validate_data") and "password ***" in failed.state.message
+    assert canary not in failed.state.message + flow_run.state.message
+    # The failed task's persisted result (its exception) and every other stored result: base64 pickles.
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    for path in Path(PREFECT_LOCAL_STORAGE_PATH.value()).expanduser().glob("*"):
+        record = path.read_bytes() if path.is_file() else b""
+        if record.startswith(b'{"metadata"'):
+            assert canary.encode() not in base64.b64decode(json.loads(record)["result"]), path
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
     assert canary not in json.dumps([run.data.params, run.data.tags])
