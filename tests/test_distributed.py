@@ -12,7 +12,6 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from lora_pipeline.config_files import load_config
-# DDP_OVERRIDES and the fixture are imported from here by tests/test_multi_node.py as well.
 from tests.helpers.two_processes import DDP_OVERRIDES, two_process_run  # noqa: F401  (one 2-process run per session)
 
 

@@ -15,9 +15,8 @@ from mlflow import MlflowClient
 from lora_pipeline import distributed, tracking
 from lora_pipeline.config import ConfigError
 from lora_pipeline.config_files import load_config
-# Imported by the name pytest gives the test module (tests/ has no __init__.py), not as tests.test_distributed:
-# a second module object would hold a second memo, and the 2-process run would happen twice.
-from test_distributed import DDP_OVERRIDES, two_process_run  # noqa: F401  (one 2-process run per session)
+# The memo of the one 2-process run per session lives in tests/helpers/two_processes.py.
+from tests.helpers.two_processes import DDP_OVERRIDES, two_process_run  # noqa: F401
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
 
