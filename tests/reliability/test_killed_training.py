@@ -73,6 +73,23 @@ def test_killed_training_resumes_from_its_last_checkpoint(setup, uninterrupted, 
         torch.testing.assert_close(after_resume[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_one_before(setup, tmp_path):
+    """SIGKILL half way through the adapter file of checkpoint 8: a truncated safetensors file and no manifest.
+    The next run sets that checkpoint aside (incomplete), resumes from checkpoint 4 and finishes."""
+    cfg, tokenized, _ = setup
+    checkpoints = tmp_path / "ckpt"
+    killed = _train_in_a_process("die_while_saving", cfg, tokenized, tmp_path, checkpoints, 8)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    half_written = checkpoints / "checkpoint-8" / ADAPTER_FILE
+    assert 0 < half_written.stat().st_size and checkpoint_problem(half_written.parent) == "incomplete"
+
+    resumed = train_qlora(cfg, tokenized, tmp_path / "run2", checkpoint_dir=checkpoints)
+    assert resumed.metrics["resumed_from_step"] == 4 and resumed.metrics["global_step"] == 8
+    (aside,) = (checkpoints / SET_ASIDE_DIRNAME).iterdir()
+    assert aside.name.startswith("checkpoint-8-incomplete-")
+    assert _adapter(resumed.adapter_dir)  # a readable adapter, not the half-written one
+
+
 def test_a_resumed_run_outlives_the_rotation_of_the_checkpoint_it_resumed_from(setup, tmp_path):
     """Killed after checkpoint-2, resumed: checkpoints 4, 6 and 8 follow and save_total_limit (2) rotates
     checkpoint-2 away mid-run. The end of the run once read that checkpoint again (FileNotFoundError, hidden
