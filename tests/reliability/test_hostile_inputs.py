@@ -55,6 +55,23 @@ def test_a_huge_jsonl_line_is_quarantined_by_line_number_without_reading_it_into
     assert peak < 8 << 20  # a few MB, not the 64 MB line
 
 
+def test_a_one_gigabyte_line_at_the_default_limit_is_quarantined_in_bounded_memory(tmp_path):
+    """The issue's case as is: a 1 GB single line (a sparse file: no disk is spent) between two good rows."""
+    row = (json.dumps({"text": "fine"}) + "\n").encode()
+    path = tmp_path / "rows.jsonl"
+    with path.open("wb") as handle:
+        handle.write(row + b'{"text": "')
+        handle.seek(1 << 30, 1)  # a hole of 1 GiB: read back as NUL bytes
+        handle.write(b'"}\n' + row)
+    tracemalloc.start()
+    rows = list(sources.resolve_source(path).rows())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [(r.line, r.unparseable) for r in rows] == [(1, False), (2, True), (3, False)]
+    assert f"line of more than {sources.MAX_ROW_BYTES} bytes" in rows[1].record
+    assert peak < 3 * sources.MAX_ROW_BYTES  # about twice the row limit (readline buffers), not the gigabyte
+
+
 def test_bad_encoding_and_deep_nesting_in_data_rows_are_quarantined_not_fatal(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"text": "fine"}\n' + '{"text": "\u00e9"}\n'.encode("latin-1") + b"[" * 100_000 + b"\n")
