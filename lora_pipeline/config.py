@@ -13,9 +13,13 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
+# The sections live in three modules; everything is imported from here (one import path for callers).
+from lora_pipeline.config_base import MODEL_NAME_PATTERN, ConfigError, Strict, no_path_tricks  # noqa: F401
+from lora_pipeline.config_operations import MlflowConfig, NotifyConfig, RegistryConfig, SecretsConfig
 from lora_pipeline.demo_world import DemoWorldSpec
+
 
 #: Sentinel for ``model.name_or_path`` / ``data.path`` / ``data.eval_path`` / ``eval.regression_*``:
 #: the embedded offline demo world (tokenizer, tiny base model and datasets built on first use).
@@ -26,16 +30,7 @@ AUTO = "auto"
 BASE_ANSWERS = "base_answers"
 
 
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
-
-
-class _Strict(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name_or_path: str = Field(BUILTIN_DEMO, description="Local model dir, hub id, or builtin:demo.")
     revision: str | None = Field(None, description="Hub revision (commit/tag) to pin.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code (needs model.revision to be a "
@@ -55,28 +50,7 @@ class ModelConfig(_Strict):
         return self
 
 
-#: A registered model name: it becomes part of concurrency limits, artifact keys and registry paths.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-
-def no_path_tricks(value: str | None, key: str) -> str | None:
-    """Refuse a path that climbs out (``..``), is URL-encoded (``%2e%2e``) or holds a NUL byte.
-
-    Checked before anything is read or written; where a path may point (the allowed roots) is checked
-    where the roots are known (:mod:`lora_pipeline.run_request`).
-    """
-    if value is None:
-        return None
-    if "\x00" in value:
-        raise ValueError(f"{key} holds a NUL byte")
-    if re.search(r"%[0-9A-Fa-f]{2}", value):
-        raise ValueError(f"{key} must be a plain path, not URL-encoded: {value!r}")
-    if ".." in Path(value).parts:
-        raise ValueError(f"{key} must not climb out of its directory with '..': {value!r}")
-    return value
-
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     path: str | None = Field(
         None, description="Training data: file, dataset dir, hub name or builtin:demo. Unset: builtin:demo with the "
         "builtin:demo model, an error with any other (the demo's rows never train a real model by accident).")
@@ -102,7 +76,7 @@ class DataConfig(_Strict):
         "its EOS, which teaches the model not to stop).")
 
 
-class LoraConfig(_Strict):
+class LoraConfig(Strict):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -121,7 +95,7 @@ class LoraConfig(_Strict):
         return self
 
 
-class QuantConfig(_Strict):
+class QuantConfig(Strict):
     load_in_4bit: bool = Field(True, description="Load the frozen base in 4-bit (QLoRA).")
     load_in_8bit: bool = Field(False, description="Load the frozen base in 8-bit instead.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
@@ -165,7 +139,7 @@ def optimizer_unsupported(name: str) -> str | None:
     return None
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     max_steps: int = Field(120, gt=0, description="Optimizer steps.")
     learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate.")
     per_device_batch_size: int = Field(16, gt=0, description="Samples per device per micro-step.")
@@ -243,7 +217,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Strict):
     max_new_tokens: int = Field(32, gt=0, description="Generation budget per prompt.")
     max_samples: int = Field(200, gt=0, description="Held-out rows scored per suite.")
     batch_size: int = Field(32, gt=0, description="Prompts generated together.")
@@ -278,7 +252,7 @@ class EvalConfig(_Strict):
         return suites
 
 
-class GateConfig(_Strict):
+class GateConfig(Strict):
     task_metric: Literal["exact_match", "token_f1", "rouge_l", "perplexity"] | None = Field(
         None, description="Task metric the gain is measured on: exact_match, token_f1 or rouge_l (candidate minus "
         "base), or perplexity (relative reduction 1 - candidate/base); unset: perplexity for data.format=text, "
@@ -296,7 +270,7 @@ class GateConfig(_Strict):
                                       "regression exact match a candidate may be and still pass.")
 
 
-class MergeConfig(_Strict):
+class MergeConfig(Strict):
     parity_tolerance: float = Field(
         1e-4, gt=0, description="Max relative logit difference, merged vs the same base with the adapter unmerged."
     )
@@ -307,71 +281,7 @@ class MergeConfig(_Strict):
     parity_samples: int = Field(8, gt=0, description="Held-out prompts used for the parity check.")
 
 
-class MlflowConfig(_Strict):
-    tracking_uri: str | None = Field(
-        None, description="Tracking URI; default MLFLOW_TRACKING_URI, else sqlite under output_dir. No credentials: "
-        "MLflow reads MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or _TOKEN) from the environment, which "
-        "secrets.env can fill from Prefect Secret blocks.")
-    experiment_name: str = Field("lora-pipeline", description="Experiment holding the pipeline runs.")
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_credentials(cls, uri: str | None) -> str | None:
-        if uri and re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s]*:[^/\s]+@", uri):
-            raise ValueError("mlflow.tracking_uri must not hold a password (a config file is no place for one): "
-                             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the worker's environment, "
-                             "or name a Prefect Secret block for them under secrets.env")
-        return uri
-    system_metrics_interval: float = Field(
-        10.0, ge=0, description="Seconds between system-metric samples (CPU, memory, disk, network, GPU) while "
-        "training; 0 turns them off.")
-
-
-class RegistryConfig(_Strict):
-    model_name: str = Field("lora-pipeline-demo", pattern=MODEL_NAME_PATTERN,
-                            description="Registered model name: letters, digits, '.', '_' and '-' (it names "
-                            "concurrency limits, artifact keys and registry paths).")
-    auto_promote: bool = Field(False, description="Move the `champion` alias to a candidate that passed the gate "
-                               "(the old champion becomes `previous`); off: promote by hand.")
-    store: Literal["merged", "adapter"] = Field(
-        "merged", description="What a registered version holds: merged = the full merged model (self-contained, "
-        "base-sized); adapter = only the LoRA adapter and a reference to its base model's local directory (for large "
-        "bases; the base must be at that path, or be passed, wherever the version is loaded). Chooses for versions "
-        "that passed the gate; one that failed is stored as adapter.")
-
-
-class NotifyConfig(_Strict):
-    block: str | None = Field(
-        None, pattern=r"^[a-z0-9-]+/[A-Za-z0-9_.-]+$",
-        description="Prefect notification block that tells people about a failed run or a rejected candidate, as "
-        "`<block-type-slug>/<block name>` (e.g. `slack-webhook/ml-oncall`, `custom-webhook/lora-alerts`); its URL and "
-        "credentials live in the block, never in this file. null: Prefect events only (automations can match "
-        "`lora-pipeline.run.failed` and `lora-pipeline.gate.rejected`).")
-    on_failure: bool = Field(True, description="Notify when a run fails.")
-    on_gate_rejected: bool = Field(True, description="Notify when the gate rejects a candidate.")
-
-
-class SecretsConfig(_Strict):
-    env: dict[str, str] = Field(
-        default_factory=dict,
-        description="Environment variable -> Prefect Secret block name, e.g. {HF_TOKEN: hf-token, "
-        "MLFLOW_TRACKING_PASSWORD: mlflow-password}: a flow run loads each block into its environment before its "
-        "first stage, and the values are redacted from its logs, summary, notices and MLflow params and tags. "
-        "Block names only; the values never appear in a config file or a run parameter.")
-
-    @field_validator("env")
-    @classmethod
-    def _names_only(cls, env: dict[str, str]) -> dict[str, str]:
-        for variable, block in env.items():
-            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", variable):
-                raise ValueError(f"secrets.env: {variable!r} is not an environment variable name (A-Z, 0-9, _)")
-            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", block):
-                raise ValueError(f"secrets.env.{variable}: {block!r} is not a Prefect block name (lowercase letters, "
-                                 "digits, dashes): name the Secret block here, never the secret itself")
-        return env
-
-
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
