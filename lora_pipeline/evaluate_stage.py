@@ -150,7 +150,7 @@ def evaluate_registered(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, v
     download.mkdir(parents=True, exist_ok=True)
     try:
         loaded = load_registered_model(f"models:/{cfg.registry.model_name}/{version}", tracking_uri,
-                                       dst_dir=download)
+                                       dst_dir=download, trust_remote_code=cfg.model.trust_remote_code)
         stops = stop_token_ids(loaded.tokenizer, loaded.model.generation_config.eos_token_id)
         return score(cfg, loaded.model, loaded.tokenizer, stops, run_dir, label)
     finally:  # a model copy; the registry keeps the original

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None = None, *,
-                         base_model_path: Path | None = None) -> Pipeline:
+                         base_model_path: Path | None = None, trust_remote_code: bool = False) -> Pipeline:
     """Load a registered model, either form, as a transformers ``text-generation`` pipeline.
 
     Args:
@@ -28,6 +28,8 @@ def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None
         dst_dir: Existing directory to download the artifacts to (a new temp dir when None).
         base_model_path: Adapter form only: load the base from here instead of the directory
             recorded at registration (e.g. another machine's mount of the same base).
+        trust_remote_code: Allow a model (or adapter base) whose config names its own code; without it
+            such a version is refused before anything is loaded, as in training.
 
     Returns:
         The pipeline; its model is a ``PeftModel`` (base + adapter) for the adapter form. It accepts
@@ -36,9 +38,15 @@ def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None
 
     Raises:
         FileNotFoundError: an adapter-form version whose base directory is not there.
+        RemoteCodeRefused: the model or its base ships its own code and ``trust_remote_code`` is False.
     """
+    import tempfile
+
+    import mlflow.artifacts
     import mlflow.transformers
     from mlflow.models import get_model_info
+
+    from lora_pipeline.modeling import refuse_unreviewed_remote_code
 
     with fluent_tracking_uri(tracking_uri):
         info = get_model_info(model_uri)
@@ -46,7 +54,12 @@ def load_text_generation(model_uri: str, tracking_uri: str, dst_dir: Path | None
         if base_dir is not None and not (Path(base_dir) / "config.json").is_file():
             raise FileNotFoundError(f"{model_uri} stores an adapter on the base model at {base_dir}, which is not "
                                     "there: restore it, or pass base_model_path")
-        pipe = mlflow.transformers.load_model(model_uri, dst_path=str(dst_dir) if dst_dir else None,
+        # Downloaded first, so the stored config is checked before MLflow loads (and so runs) anything.
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst_dir or tempfile.mkdtemp())))
+        for model_dir in (local / "model", Path(base_dir) if base_dir else None):
+            if model_dir is not None and (model_dir / "config.json").is_file():
+                refuse_unreviewed_remote_code(model_dir, trust_remote_code)
+        pipe = mlflow.transformers.load_model(str(local),
                                               base_model_path=str(base_model_path) if base_model_path else None)
     if stored := (info.metadata or {}).get(GENERATION_CONFIG_KEY):
         _set_generation_config(pipe.model, stored)
@@ -80,7 +93,8 @@ class LoadedModel:
 
 
 def load_registered_model(model_uri: str, tracking_uri: str, dst_dir: Path | None = None, *,
-                          merge_adapter: bool = False, base_model_path: Path | None = None) -> LoadedModel:
+                          merge_adapter: bool = False, base_model_path: Path | None = None,
+                          trust_remote_code: bool = False) -> LoadedModel:
     """Load a registered version, either form, as model + tokenizer (see :func:`load_text_generation`).
 
     Args:
@@ -91,6 +105,7 @@ def load_registered_model(model_uri: str, tracking_uri: str, dst_dir: Path | Non
             (``merge_and_unload(safe_merge=True)``): as fast as a merged model, for serving. Off, the
             ``PeftModel`` computes exactly what was registered (evaluation).
         base_model_path: Adapter form only: where the base is, if not where it was at registration.
+        trust_remote_code: See :func:`load_text_generation`.
 
     Raises:
         FileNotFoundError: an adapter-form version whose base directory is not there.
@@ -98,7 +113,8 @@ def load_registered_model(model_uri: str, tracking_uri: str, dst_dir: Path | Non
     """
     from peft import PeftModel
 
-    pipe = load_text_generation(model_uri, tracking_uri, dst_dir, base_model_path=base_model_path)
+    pipe = load_text_generation(model_uri, tracking_uri, dst_dir, base_model_path=base_model_path,
+                                trust_remote_code=trust_remote_code)
     model = pipe.model
     store: Store = "adapter" if isinstance(model, PeftModel) else "merged"
     if merge_adapter and store == "adapter":

@@ -120,6 +120,31 @@ def ensure_pad_token(tokenizer: Any) -> None:
     )
 
 
+class RemoteCodeRefused(RuntimeError):
+    """A model ships its own code (``auto_map`` in its config) and running it was not allowed."""
+
+
+def refuse_unreviewed_remote_code(source: str | Path, trust_remote_code: bool, revision: str | None = None) -> None:
+    """Refuse a model whose config names its own code (``auto_map``) unless that code is trusted.
+
+    Told not to trust remote code, transformers quietly loads its built-in class instead when the
+    model type is a known one (``llama`` with an ``auto_map``): a different model from the one its
+    author meant, without a word. Here that is an error instead, so it is a decision: set
+    ``model.trust_remote_code`` (the config then requires ``model.revision`` to be a full commit).
+    Reads only the config file: no code runs.
+
+    Raises:
+        RemoteCodeRefused: the config has an ``auto_map`` and ``trust_remote_code`` is False.
+    """
+    from transformers import PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(str(source), revision=revision)
+    if config.get("auto_map") and not trust_remote_code:
+        raise RemoteCodeRefused(
+            f"{source} ships its own model code (auto_map: {sorted(config['auto_map'])}); it runs only with "
+            "model.trust_remote_code=true and model.revision set to the full 40-character commit that was reviewed")
+
+
 def load_base_model(
     model_cfg: ModelConfig, quant: QuantConfig, device: torch.device, *, quantize: bool = True
 ) -> Any:
@@ -133,6 +158,7 @@ def load_base_model(
         quantize: False loads the full-precision base even when ``quant`` asks for 4-bit (the
             reference a user would otherwise serve).
     """
+    refuse_unreviewed_remote_code(model_cfg.name_or_path, model_cfg.trust_remote_code, model_cfg.revision)
     compute_dtype = select_compute_dtype(quant.compute_dtype, device)
     bnb = quantization_config(quant, compute_dtype) if quantize else None
     model = AutoModelForCausalLM.from_pretrained(

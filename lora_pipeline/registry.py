@@ -179,19 +179,24 @@ def _model_source(store: str, model_dir: Path | None, adapter_dir: Path | None, 
     return _ModelSource("adapter", None, adapter_dir, resolve_base_dir(base_model, base_revision), base_model)
 
 
-def _components(source: _ModelSource, eos_token_ids: list[int] | None) -> dict[str, Any]:
+def _components(source: _ModelSource, eos_token_ids: list[int] | None, trust_remote_code: bool) -> dict[str, Any]:
     """The model (plain, or a ``PeftModel`` on its base) and tokenizer to log, carrying the stop set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lora_pipeline.modeling import refuse_unreviewed_remote_code
+
+    # The same rule as training's: a model's own code runs only when the config trusts it.
+    refuse_unreviewed_remote_code(source.model_dir or source.base_dir, trust_remote_code)  # type: ignore[arg-type]
+    trust = {"trust_remote_code": trust_remote_code}
     if source.store == "merged":
-        model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype="auto", **trust)
         tokenizer_dir = source.model_dir
     else:
         from peft import PeftModel
 
         # The base in full precision, as MLflow will load it: a registered model must not need
         # bitsandbytes (a QLoRA adapter was trained on the 4-bit base; see merge.py for the parity).
-        base = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype="auto")
+        base = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype="auto", **trust)
         model = PeftModel.from_pretrained(base, str(source.adapter_dir))
         # Training saves the tokenizer (with the chat template it trained on) next to the adapter.
         has_tokenizer = (source.adapter_dir / "tokenizer_config.json").is_file()
@@ -222,7 +227,8 @@ def _model_card(model_dir: Path, name: str) -> Any:
 
 
 def _log_transformers_model(tracking_uri: str, run_id: str, source: _ModelSource, input_example: Any,
-                            lineage: dict[str, str], name: str, eos_token_ids: list[int] | None) -> tuple[str, bool]:
+                            lineage: dict[str, str], name: str, eos_token_ids: list[int] | None,
+                            trust_remote_code: bool) -> tuple[str, bool]:
     """Log ``source`` with the transformers flavor into ``run_id``, or reuse this run key's complete upload.
 
     Returns:
@@ -238,7 +244,7 @@ def _log_transformers_model(tracking_uri: str, run_id: str, source: _ModelSource
         return earlier.model_id, False
     # Components, not the checkpoint path: MLflow 3.17's local-checkpoint path breaks on
     # transformers 5 (pipelines.check_task returns the pipeline class as a string).
-    components = _components(source, eos_token_ids)
+    components = _components(source, eos_token_ids, trust_remote_code)
     # Created here rather than by log_model, which would take the experiment from global state
     # (MLFLOW_EXPERIMENT_ID or the default experiment, whose artifacts go to ./mlruns).
     logged = client.create_logged_model(experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id,
@@ -303,6 +309,7 @@ def register_model(
     store: Store | None = None,
     eos_token_ids: Sequence[int] | None = None,
     description: str | None = None,
+    trust_remote_code: bool = False,
 ) -> RegisteredVersion:
     """Log the model (transformers flavor) into the run and register it, once per run key.
 
@@ -329,12 +336,15 @@ def register_model(
         eos_token_ids: The full stop set; the logged model's ``generation_config.eos_token_id``
             becomes exactly this list. None keeps the model's (or base's) own generation config.
         description: The version's description in the MLflow UI (gate decision, run link), masked.
+        trust_remote_code: ``model.trust_remote_code``: a model whose config names its own code
+            (``auto_map``) is refused without it (:func:`lora_pipeline.modeling.refuse_unreviewed_remote_code`).
 
     Returns:
         The version; ``created`` tells whether this call created it.
 
     Raises:
         FileNotFoundError: the model dir, adapter dir or base is missing.
+        RemoteCodeRefused: the model ships its own code and ``trust_remote_code`` is False.
         ValueError: the model name or run key contains a quote; ``store`` lacks its inputs;
             ``eos_token_ids`` is empty.
         MlflowException: the store refused an operation.
@@ -352,7 +362,8 @@ def register_model(
     if adapter_dir is not None:
         log_artifacts(tracking_uri, run_id, Path(adapter_dir), ADAPTER_ARTIFACT_PATH)
         lineage["adapter_uri"] = f"runs:/{run_id}/{ADAPTER_ARTIFACT_PATH}"
-    model_id, uploaded = _log_transformers_model(tracking_uri, run_id, source, input_example, lineage, name, eos)
+    model_id, uploaded = _log_transformers_model(tracking_uri, run_id, source, input_example, lineage, name, eos,
+                                                 trust_remote_code)
     # Logging takes seconds; checking again here shrinks the check-then-create window.
     existing = find_version_by_run_key(tracking_uri, name, run_key)
     if existing is not None:

@@ -300,6 +300,7 @@ def register(
         store=store,  # type: ignore[arg-type]
         eos_token_ids=stop_ids(cfg, tokenizer),
         description=description,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
     if not version.created:
         registry.set_version_tags(run.tracking_uri, version.name, version.version,

@@ -206,8 +206,6 @@ class _WritesAMarker:
 
 @pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth", "scheduler.pt", "training_args.bin",
                                   "adapter_model.bin"])
-
-
 def test_a_pickle_planted_in_a_checkpoint_never_runs(setup, uninterrupted, tmp_path, name):
     """An attacker who can write the checkpoint directory (and so its manifest too) plants a pickle whose
     unpickling would write a marker file: resuming refuses it or ignores it, and the marker never appears."""
