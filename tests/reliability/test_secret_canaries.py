@@ -129,17 +129,17 @@ def test_secret_canaries_reach_the_run_and_appear_nowhere_it_writes(ops_stack, o
     assert refused["state"].is_failed()
     assert "mlflow.tracking_uri must not hold a password" in refused["state"].message
 
+    logged_model = client.get_logged_model(version.source.removeprefix("models:/"))
     leaks = []
     for name, value in canaries.items():
         for what, stored in (("Prefect flow runs, task runs and logs", json.dumps([run, refused], default=str)),
                              ("MLflow run", json.dumps([mlflow_run.data.params, mlflow_run.data.tags])),
                              ("model version", json.dumps([version.tags, version.description, version.source])),
-                             ("logged model", json.dumps([client.get_logged_model(version.source.removeprefix("models:/")).to_dictionary()],
-                                                         default=str))):
+                             ("logged model", json.dumps(logged_model.to_dictionary(), default=str))):
             if value in stored:
                 leaks.append(f"{name} in {what}")
-    # Files: the stack's (worker stdout/stderr, server logs, MLflow artifacts, persisted Prefect results, decoded) and the
-    # outputs (distributed.log, summaries, checkpoints, reports); the two config files are the inputs.
+    # Files: the stack's (worker stdout/stderr, server logs, MLflow artifacts, persisted Prefect results, decoded)
+    # and the outputs (distributed.log, summaries, checkpoints, reports); the two config files are the inputs.
     leaks += _files_holding([ops_stack["state"], ops_config_root], canaries, skip={field_config})
     dump = _database_dumps()
     leaks += [f"{name} in a database dump" for name, value in canaries.items() if value in dump]
