@@ -90,6 +90,36 @@ def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_one_before
     assert _adapter(resumed.adapter_dir)  # a readable adapter, not the half-written one
 
 
+def test_changed_data_or_config_after_a_crash_start_afresh_never_a_mixed_resume(setup, tmp_path):
+    """Checkpoints live under the run key (data hash, base, training config): a retry after a crash with other
+    data or another learning rate trains from step 0 in a directory of its own; only the same training resumes."""
+    import hashlib
+
+    from lora_pipeline import stages
+
+    cfg, tokenized, _ = setup
+    cfg = cfg.model_copy(update={"output_dir": tmp_path / "out"})
+    data_hash = hashlib.sha256(tokenized.read_bytes()).hexdigest()
+    crashed_key = cfg.run_key(data_hash, "sha256:tiny")
+    checkpoints = cfg.output_dir / "checkpoints"
+    killed = _train_in_a_process("train_then_die", cfg, tokenized, tmp_path, checkpoints / crashed_key, 4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+    changed_data = tmp_path / "changed.jsonl"
+    changed_data.write_bytes(b"".join(tokenized.read_bytes().splitlines(keepends=True)[1:] * 2))  # a row gone, rest twice
+    other_lr = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e-3})})
+    for run_cfg, data, label in ((cfg, changed_data, "changed data"), (other_lr, tokenized, "changed config")):
+        key = run_cfg.run_key(hashlib.sha256(data.read_bytes()).hexdigest(), "sha256:tiny")
+        assert key != crashed_key, label
+        trained = stages.train(run_cfg, data, tmp_path / label, key, None)
+        assert trained["metrics"]["resumed_from_step"] == 0, label  # afresh ...
+        assert sorted(p.name for p in (checkpoints / key).iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-8"]
+    # ... and the crashed training's checkpoint is untouched, for the retry of that same training to resume.
+    assert [p.name for p in (checkpoints / crashed_key).iterdir() if p.is_dir()] == ["checkpoint-4"]
+    resumed = stages.train(cfg, tokenized, tmp_path / "same", crashed_key, None)
+    assert resumed["metrics"]["resumed_from_step"] == 4 and resumed["metrics"]["global_step"] == 8
+
+
 def test_a_resumed_run_outlives_the_rotation_of_the_checkpoint_it_resumed_from(setup, tmp_path):
     """Killed after checkpoint-2, resumed: checkpoints 4, 6 and 8 follow and save_total_limit (2) rotates
     checkpoint-2 away mid-run. The end of the run once read that checkpoint again (FileNotFoundError, hidden
