@@ -106,7 +106,8 @@ def test_changed_data_or_config_after_a_crash_start_afresh_never_a_mixed_resume(
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
     changed_data = tmp_path / "changed.jsonl"
-    changed_data.write_bytes(b"".join(tokenized.read_bytes().splitlines(keepends=True)[1:] * 2))  # a row gone, rest twice
+    rows = tokenized.read_bytes().splitlines(keepends=True)
+    changed_data.write_bytes(b"".join(rows[1:] * 2))  # one row gone, the rest twice
     other_lr = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 1e-3})})
     for run_cfg, data, label in ((cfg, changed_data, "changed data"), (other_lr, tokenized, "changed config")):
         key = run_cfg.run_key(hashlib.sha256(data.read_bytes()).hexdigest(), "sha256:tiny")
