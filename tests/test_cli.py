@@ -184,3 +184,17 @@ def test_deploy_wraps_prefect_deploy_on_the_projects_prefect_yaml(monkeypatch, c
     (command, options), = launched
     assert command[-5:] == ["deploy", "--prefect-file", str(REPO_ROOT / "prefect.yaml"), "--name", "finetune"]
     assert options["cwd"] == REPO_ROOT and deploy_command([])[-1] == "--all"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["show-config"]])
+def test_help_and_show_config_import_no_heavy_library(argv):
+    """Reading a config must not pay for torch, transformers, MLflow, Prefect or Great Expectations (seconds of
+    imports on 2 cores); only the commands that use them import them."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "trl", "mlflow", "prefect", "great_expectations")
+    probe = (f"import sys\nfrom lora_pipeline.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+             f"print([m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr[-2000:]
