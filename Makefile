@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup browser demo test test-quick smollm2 up down clean bench-data bench-train
+.PHONY: setup browser demo test test-quick smollm2 up down clean bench-data bench-train bench-startup
 
 setup: $(STAMP)
 
@@ -45,6 +45,9 @@ bench-data: setup
 
 bench-train: setup
 	$(BIN)/python -m benchmarks.training --out outputs/benchmarks
+
+bench-startup: setup
+	$(BIN)/python -m benchmarks.startup --out outputs/benchmarks
 
 # The operations stack on loopback: Prefect server + worker + MLflow server (infra/stack.py). PostgreSQL when
 # POSTGRES_URL (or $$LORA_PIPELINE_POSTGRES_URL) names a server, e.g. postgresql://root@127.0.0.1:5432; else SQLite.

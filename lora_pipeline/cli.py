@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # bitsandbytes warns at import, on CPUs that report AVX-512 bf16, that it cannot fetch an optional kernel
 # from the Hugging Face hub; the pipeline runs offline and bitsandbytes falls back to its built-in kernel.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from lora_pipeline.config import ConfigError, PipelineConfig  # noqa: E402
-from lora_pipeline.config_files import load_config  # noqa: E402
+if TYPE_CHECKING:  # the config schema (pydantic) is imported by the commands that read a config, not by --help
+    from lora_pipeline.config import PipelineConfig
 
 #: Suffixes that make a ``data.path``-like string a local file (anything else may be a hub dataset name).
 LOCAL_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gguf")
@@ -267,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "deploy":
         return _deploy(args)
+    from lora_pipeline.config import ConfigError
+    from lora_pipeline.config_files import load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
