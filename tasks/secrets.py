@@ -12,14 +12,14 @@ from prefect.blocks.system import Secret
 
 from lora_pipeline.config import SecretsConfig
 from lora_pipeline.redaction import install_log_redaction, register_secret
-from lora_pipeline.tracking import credentials_into_environment
+from lora_pipeline.tracking_uris import credentials_into_environment
 
 
 def load_secrets(secrets: SecretsConfig) -> list[str]:
     """Redact known secrets from every log record, then load each ``secrets.env`` block into its variable.
 
     Credentials in ``MLFLOW_TRACKING_URI`` then move to MLflow's credential variables (the URI a run
-    carries around holds none; see :func:`lora_pipeline.tracking.credentials_into_environment`).
+    carries around holds none; see :func:`lora_pipeline.tracking_uris.credentials_into_environment`).
 
     Returns:
         The names of the variables set (never their values).
