@@ -62,7 +62,7 @@ def test_a_decorated_body_raises_the_same_exception_cleaned(canary):
 def test_tracking_uri_credentials_move_to_mlflows_own_variables():
     """The URI every task carries (and Prefect persists as a cached result) then holds no password."""
     from lora_pipeline.redaction import redact
-    from lora_pipeline.tracking import credentials_into_environment
+    from lora_pipeline.tracking_uris import credentials_into_environment
 
     environ = {"MLFLOW_TRACKING_URI": "https://alice:p%40ss-w0rd-42@mlflow.internal:5000/prefix"}
     assert credentials_into_environment(environ)
