@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_pipeline.registry import GENERATION_CONFIG_KEY, Store
+from lora_pipeline.model_flavor import GENERATION_CONFIG_KEY, Store
 from lora_pipeline.tracking import fluent_tracking_uri
 
 if TYPE_CHECKING:
