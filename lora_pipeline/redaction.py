@@ -124,8 +124,8 @@ def mask_secrets(text: str) -> str:
 def _masked(value: object) -> object:
     if isinstance(value, str):
         return mask_secrets(value)
-    if isinstance(value, (list, tuple)) and any(isinstance(item, str) for item in value):
-        return type(value)(mask_secrets(item) if isinstance(item, str) else item for item in value)
+    if type(value) in (list, tuple) and any(isinstance(item, str) for item in value):  # type: ignore[arg-type]
+        return type(value)(mask_secrets(item) if isinstance(item, str) else item for item in value)  # type: ignore
     return value
 
 
@@ -144,13 +144,16 @@ def redact_exception(exc: BaseException) -> BaseException:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        current.args = tuple(_masked(arg) for arg in current.args)
-        attributes = dict(vars(current))
-        if isinstance(current, OSError):  # C-level attributes, not in __dict__
-            attributes.update(strerror=current.strerror, filename=current.filename, filename2=current.filename2)
-        for name, value in attributes.items():
-            masked = _masked(value)
-            if masked != value:
-                setattr(current, name, masked)
+        try:
+            current.args = tuple(_masked(arg) for arg in current.args)
+            attributes = dict(vars(current))
+            if isinstance(current, OSError):  # C-level attributes, not in __dict__
+                attributes.update(strerror=current.strerror, filename=current.filename, filename2=current.filename2)
+            for name, value in attributes.items():
+                masked = _masked(value)
+                if masked != value:
+                    setattr(current, name, masked)
+        except Exception:  # noqa: BLE001 - an exotic exception stays as it is rather than replace the real one
+            pass
         pending += [current.__cause__, current.__context__]
     return exc
