@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup browser demo test test-quick smollm2 up down clean bench-data bench-train bench-startup
+.PHONY: setup browser demo test test-quick smollm2 up down clean bench-data bench-train bench-startup bench-eval
 
 setup: $(STAMP)
 
@@ -48,6 +48,9 @@ bench-train: setup
 
 bench-startup: setup
 	$(BIN)/python -m benchmarks.startup --out outputs/benchmarks
+
+bench-eval: setup
+	$(BIN)/python -m benchmarks.evaluation --out outputs/benchmarks
 
 # The operations stack on loopback: Prefect server + worker + MLflow server (infra/stack.py). PostgreSQL when
 # POSTGRES_URL (or $$LORA_PIPELINE_POSTGRES_URL) names a server, e.g. postgresql://root@127.0.0.1:5432; else SQLite.

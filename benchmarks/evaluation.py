@@ -4,7 +4,7 @@ the real-model fixture (SmolLM2-135M-Instruct, de-quantised to float32), same pr
 budget. The greedy answers of the two sides are compared; the ratio of their wall times is the speed-up
 (target: >= 3x).
 
-Usage: ``.venv/bin/python -m benchmarks.evaluation [--prompts 32] [--batch-size 16] [--repeats 3]``
+Usage: ``.venv/bin/python -m benchmarks.evaluation [--prompts 40] [--batch-size N] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def one_at_a_time(model, tokenizer, conversations, max_new_tokens: int, stops: l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=40, help="how many of the package's 40 general prompts")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's eval.batch_size")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
@@ -61,11 +61,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_pipeline.config import ModelConfig
+    from lora_pipeline.config import EvalConfig, ModelConfig
     from lora_pipeline.evaluation import generate_answers
     from lora_pipeline.formatting import stop_token_ids
     from lora_pipeline.modeling import load_tokenizer
 
+    batch_size = args.batch_size or EvalConfig().batch_size
     model_dir = real_model_dir(CACHE)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
@@ -80,14 +81,14 @@ def main() -> None:
     for _ in range(args.repeats):
         started = time.perf_counter()
         answers["pipeline"] = [g.text for g in generate_answers(model, tokenizer, conversations, args.max_new_tokens,
-                                                                args.batch_size, stops)]
+                                                                batch_size, stops)]
         timings["pipeline"].append(time.perf_counter() - started)
         started = time.perf_counter()
         answers["one_at_a_time"] = one_at_a_time(model, tokenizer, conversations, args.max_new_tokens, stops)
         timings["one_at_a_time"].append(time.perf_counter() - started)
     differing = [i for i, (a, b) in enumerate(zip(answers["pipeline"], answers["one_at_a_time"])) if a != b]
     medians = {side: statistics.median(values) for side, values in timings.items()}
-    result = {"model": model_dir.name, "prompts": len(conversations), "batch_size": args.batch_size,
+    result = {"model": model_dir.name, "prompts": len(conversations), "batch_size": batch_size,
               "max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(),
               "median_seconds": {k: round(v, 2) for k, v in medians.items()},
               "speedup": round(medians["one_at_a_time"] / medians["pipeline"], 2), "target": ">= 3.0",
