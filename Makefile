@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup browser demo test test-quick smollm2 up down clean bench-data bench-train bench-startup bench-eval
+.PHONY: setup browser demo test test-quick smollm2 up down clean bench bench-data bench-train bench-startup bench-eval
 
 setup: $(STAMP)
 
@@ -39,7 +39,15 @@ smollm2: setup
 	$(BIN)/python configs/fetch_smollm2.py outputs/models
 	$(BIN)/lora-pipeline run --config configs/smollm2.yaml --summary-json outputs/smollm2-summary.json
 
-# Speed and memory measurements (not part of the tests): see benchmarks/README.md.
+# Speed and memory measurements (not part of the tests): see benchmarks/README.md. `make bench` runs them all
+# and writes benchmarks/results/latest.{json,md}.
+bench: setup
+	$(BIN)/python -m benchmarks.startup --out outputs/benchmarks
+	$(BIN)/python -m benchmarks.evaluation --out outputs/benchmarks
+	$(BIN)/python -m benchmarks.training --out outputs/benchmarks
+	$(BIN)/python -m benchmarks.data_stage --out outputs/benchmarks
+	$(BIN)/python -m benchmarks.report --out outputs/benchmarks
+
 bench-data: setup
 	$(BIN)/python -m benchmarks.data_stage --out outputs/benchmarks
 

@@ -21,7 +21,8 @@ from pathlib import Path
 HEAVY = ("torch", "transformers", "peft", "trl", "mlflow", "prefect", "great_expectations")
 COMMANDS = {
     "import lora_pipeline": "import lora_pipeline",
-    "lora-pipeline --help": "from lora_pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    "lora-pipeline --help":
+        "from lora_pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
     "lora-pipeline show-config": "from lora_pipeline.cli import main\nmain(['show-config'])",
 }
 

@@ -1,0 +1,132 @@
+"""Collect the benchmarks' results into one table: ``benchmarks/results/latest.json`` and ``latest.md``.
+
+Each benchmark writes its own JSON under ``--out`` (``make bench`` runs them all first); this reads them,
+states each measure's two sides, the ratio, the target and whether it is met, and records the machine
+(CPU model, cores, torch threads, library versions). A benchmark that did not run is listed as missing.
+Targets are those of issue 12.
+
+Usage: ``.venv/bin/python -m benchmarks.report [--out outputs/benchmarks]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import platform
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "mlflow", "prefect", "great_expectations")
+_COMPARE = {">=": operator.ge, "<=": operator.le}
+
+
+def _measure(name: str, numerator: tuple[str, float], denominator: tuple[str, float], target: str | None,
+             ratio: float | None = None) -> dict:
+    value = ratio if ratio is not None else numerator[1] / denominator[1]
+    record = {"benchmark": name, "sides": {numerator[0]: numerator[1], denominator[0]: denominator[1]},
+              "ratio": round(value, 3), "target": target}
+    if target:
+        op, bound = target.split()
+        record["met"] = bool(_COMPARE[op](round(value, 3), float(bound)))
+    return record
+
+
+def _startup(data: dict) -> list[dict]:
+    bare = data["import lora_pipeline"]["median_seconds"]
+    return [_measure(f"CLI start-up: `{command}` vs `import lora_pipeline` (s)",
+                     (command, data[command]["median_seconds"]), ("import lora_pipeline", bare), "<= 1.5")
+            for command in ("lora-pipeline --help", "lora-pipeline show-config")]
+
+
+def _evaluation(data: dict) -> list[dict]:
+    seconds = data["median_seconds"]
+    record = _measure(f"Evaluation generation, {data['model']}: one at a time / pipeline batched (s)",
+                      ("one_at_a_time", seconds["one_at_a_time"]), ("pipeline", seconds["pipeline"]), ">= 3.0")
+    record["met"] = record["met"] and not data["answers_differing"]  # the same greedy answers, or it is no win
+    record["answers_differing"] = len(data["answers_differing"])
+    return [record]
+
+
+def _training(data: dict) -> list[dict]:
+    runs = data["runs"]
+    return [
+        _measure("Training tokens/s, 27M Llama: pipeline / plain TRL + PEFT",
+                 ("pipeline", runs["pipeline"]["tokens_per_second"]),
+                 ("plain_trl", runs["plain_trl"]["tokens_per_second"]), ">= 0.95"),
+        _measure("Model FLOP utilisation, packed (vs the matmul peak measured in the run)",
+                 ("model GFLOP/s", round(data["model_flop_utilisation"] * runs["matmul_peak"]["gflops"], 1)),
+                 ("peak GFLOP/s", runs["matmul_peak"]["gflops"]), ">= 0.65", ratio=data["model_flop_utilisation"]),
+        _measure("Effective tokens/s: packing / none", ("packed", runs["pipeline_packed"]["tokens_per_second"]),
+                 ("unpacked", runs["pipeline"]["tokens_per_second"]), ">= 1.5"),
+        _measure("Memory of the base: 4-bit / float32 (MB)", ("4-bit", runs["memory_4bit"]["footprint_mb"]),
+                 ("float32", runs["memory_fp32"]["footprint_mb"]), "<= 0.3"),
+    ]
+
+
+def _data_stage(data: dict) -> list[dict]:
+    small, large = data["small"], data["rows"]
+    with_tok = data["runs"]
+    return [_measure(f"Data stage with the tokenizer: rows/s at {large:,} / at {small:,} rows",
+                     (f"{large} rows", with_tok[f"with_tokenizer_{large}"]["rows_per_second"]),
+                     (f"{small} rows", with_tok[f"with_tokenizer_{small}"]["rows_per_second"]), None)]
+
+
+READERS = {"startup.json": _startup, "evaluation.json": _evaluation, "training/training.json": _training,
+           "data_stage.json": _data_stage}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    import torch
+
+    versions = {}
+    for library in LIBRARIES:
+        try:
+            versions[library] = version(library.replace("_", "-"))
+        except PackageNotFoundError:
+            versions[library] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "libraries": versions}
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# Benchmarks ({report['measured']})", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch threads "
+             f"{report['machine']['torch_threads']}; " + ", ".join(
+                 f"{k} {v}" for k, v in report["machine"]["libraries"].items() if v), "",
+             "| benchmark | sides | ratio | target | met |", "|---|---|---|---|---|"]
+    for record in report["benchmarks"]:
+        sides = " / ".join(f"{name} {value}" for name, value in record["sides"].items())
+        met = "" if record.get("target") is None else ("yes" if record["met"] else "**no**")
+        lines.append(f"| {record['benchmark']} | {sides} | {record['ratio']} | {record.get('target') or ''} | {met} |")
+    if report["missing"]:
+        lines += ["", "Not run: " + ", ".join(report["missing"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
+    args = parser.parse_args()
+    benchmarks, missing = [], []
+    for name, read in READERS.items():
+        path = args.out / name
+        if path.is_file():
+            benchmarks += read(json.loads(path.read_text()))
+        else:
+            missing.append(name)
+    report = {"measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+              "benchmarks": benchmarks, "missing": missing}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / "latest.md").write_text(to_markdown(report))
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
