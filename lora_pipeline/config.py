@@ -177,6 +177,9 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     packing: bool = Field(False, description="Pack several samples per sequence (TRL best-fit, no cross-attention "
                           "between them): fewer pad tokens on variable-length data.")
+    group_by_length: bool = Field(False, description="Batch samples of similar length together (transformers' "
+                                  "length-grouped sampler, still shuffled between groups): less padding without "
+                                  "packing, for models or attention kernels that cannot pack.")
 
     @field_validator("optim")
     @classmethod

@@ -107,6 +107,7 @@ def build_sft_config(
         # Row packing (see ``uses_row_packing``) packs before the trainer sees the data; TRL's own
         # packing is the padding-free one, for flash-attention models.
         packing=train.packing and not row_packing,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         report_to=[],  # tracking goes through our own sink, to the pipeline's single MLflow run
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,

@@ -16,7 +16,7 @@ from lora_pipeline.config_files import load_config
 from lora_pipeline.formatting import encode_generation_prompt, format_dataset, prompt_turns
 from lora_pipeline.merge import MergeError, merge_adapter, merge_lora
 from lora_pipeline.modeling import load_base_model, load_tokenizer
-from lora_pipeline.training import train_qlora
+from lora_pipeline.training import build_sft_config, train_qlora
 from tests.conftest import chat_rows
 from tests.helpers.trainings import trained  # noqa: F401  (fixture)
 
@@ -94,6 +94,7 @@ def test_loss_curve_and_peak_memory_are_recorded(trained):
     (["lora.use_dora=true"], {"use_dora": True}),
     (["lora.use_rslora=true", "lora.modules_to_save=[lm_head]"], {"use_rslora": True, "modules_to_save": ["lm_head"]}),
     (["train.packing=true"], {}),
+    (["train.group_by_length=true"], {}),
 ])
 def test_lora_and_packing_options_reach_the_adapter(tiny_model_dir, tiny_rows_path, tmp_path, overrides, adapter_config):
     import json
@@ -112,6 +113,9 @@ def test_lora_and_packing_options_reach_the_adapter(tiny_model_dir, tiny_rows_pa
         assert any("lm_head" in name and "lora_" not in name for name in weights)
     if cfg.lora.use_dora:
         assert any("lora_magnitude_vector" in name for name in weights)
+    if cfg.train.group_by_length:
+        assert build_sft_config(cfg, tmp_path, torch.float32, torch.device("cpu")).train_sampling_strategy == \
+            "group_by_length"
     samples = sum(1 for _ in tokenized.open())
     if cfg.train.packing:  # CPU/SDPA: row packing, several samples per training sequence
         assert result.metrics["train_sequences"] < samples
