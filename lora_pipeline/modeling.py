@@ -124,24 +124,39 @@ class RemoteCodeRefused(RuntimeError):
     """A model ships its own code (``auto_map`` in its config) and running it was not allowed."""
 
 
-def refuse_unreviewed_remote_code(source: str | Path, trust_remote_code: bool, revision: str | None = None) -> None:
+def refuse_unreviewed_remote_code(source: str | Path, trust_remote_code: bool, revision: str | None = None,
+                                  auto_map: Any = None) -> None:
     """Refuse a model whose config names its own code (``auto_map``) unless that code is trusted.
 
     Told not to trust remote code, transformers quietly loads its built-in class instead when the
     model type is a known one (``llama`` with an ``auto_map``): a different model from the one its
     author meant, without a word. Here that is an error instead, so it is a decision: set
     ``model.trust_remote_code`` (the config then requires ``model.revision`` to be a full commit).
-    Reads only the config file: no code runs.
+
+    Args:
+        source: Model directory or hub id.
+        trust_remote_code: ``model.trust_remote_code``.
+        revision: Hub revision of a hub id.
+        auto_map: The ``auto_map`` of an already loaded config; None reads the config file when it is
+            on this machine (a local directory, or the hub cache), never from the network: no code
+            runs, and a model not here yet is checked once loaded.
 
     Raises:
         RemoteCodeRefused: the config has an ``auto_map`` and ``trust_remote_code`` is False.
     """
-    from transformers import PretrainedConfig
+    if trust_remote_code:
+        return
+    if auto_map is None:
+        from transformers import PretrainedConfig
 
-    config, _ = PretrainedConfig.get_config_dict(str(source), revision=revision)
-    if config.get("auto_map") and not trust_remote_code:
+        try:
+            auto_map = PretrainedConfig.get_config_dict(str(source), revision=revision,
+                                                        local_files_only=True)[0].get("auto_map")
+        except OSError:
+            return
+    if auto_map:
         raise RemoteCodeRefused(
-            f"{source} ships its own model code (auto_map: {sorted(config['auto_map'])}); it runs only with "
+            f"{source} ships its own model code (auto_map: {sorted(auto_map)}); it runs only with "
             "model.trust_remote_code=true and model.revision set to the full 40-character commit that was reviewed")
 
 
@@ -170,6 +185,9 @@ def load_base_model(
         quantization_config=bnb,
         device_map={"": device} if bnb is not None else None,
     )
+    # A hub model that was not cached before this load is checked now (nothing of its code ran: not trusted).
+    refuse_unreviewed_remote_code(model_cfg.name_or_path, model_cfg.trust_remote_code,
+                                  auto_map=getattr(getattr(model, "config", None), "auto_map", None))
     if bnb is None:
         model.to(device)
     model.eval()
