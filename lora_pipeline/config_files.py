@@ -101,7 +101,9 @@ def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] 
     try:
         config = PipelineConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from exc
+        # from None: the message names every key and rule; pydantic's own error, chained, would print each raw
+        # input (e.g. the password of a refused URI, half of it) in any traceback that logs this one.
+        raise ConfigError(_format_errors(exc, source)) from None
     # Resolved once, here, so no later step writes relative to whatever the working directory is then.
     config.output_dir = config.output_dir.expanduser().resolve()
     return config

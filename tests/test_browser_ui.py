@@ -134,6 +134,9 @@ def test_a_run_started_from_the_prefect_ui_form_completes_and_registers(ops_stac
     ui = ui_url(ops_stack)
     with browser_page() as page, screenshot_on_failure(page):
         flow_run_id = start_custom_run(page, ui, config_path)
+        # A fresh load of the run's own page: right after the redirect the deployment page (whose run list may
+        # show other runs' "Failed" badges, e.g. a refused run of another test) can still be on screen.
+        page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
         final = wait_for_final_state(page)
         assert final == "Completed", f"the UI shows flow run {flow_run_id} {final}"
         reload_settled(page)

@@ -98,6 +98,10 @@ def test_secret_canaries_reach_the_run_and_appear_nowhere_it_writes(ops_stack, o
     import mlflow
 
     canaries = {name: f"canary-{name}-{uuid.uuid4().hex}" for name in ("hf", "password", "uri", "field")}
+    # Searched for whole, and in part: a truncated echo (pydantic's "input_value='http://bob:canary-field-...8d7fd0f@"
+    # of a long value) is still a leak. "canary-<name>-" appears nowhere else (block names have no trailing dash).
+    pieces = {**canaries, **{f"{name} (head)": f"canary-{name}-" for name in canaries},
+              **{f"{name} (tail)": value[-10:] for name, value in canaries.items()}}
     server = ops_stack["MLFLOW_TRACKING_URI"]  # http://127.0.0.1:<port>
     port = server.rsplit(":", 1)[1]
     # "localhost", not the worker's own 127.0.0.1 URI: the run's tracking URI is visibly the block's.
@@ -131,7 +135,7 @@ def test_secret_canaries_reach_the_run_and_appear_nowhere_it_writes(ops_stack, o
 
     logged_model = client.get_logged_model(version.source.removeprefix("models:/"))
     leaks = []
-    for name, value in canaries.items():
+    for name, value in pieces.items():
         for what, stored in (("Prefect flow runs, task runs and logs", json.dumps([run, refused], default=str)),
                              ("MLflow run", json.dumps([mlflow_run.data.params, mlflow_run.data.tags])),
                              ("model version", json.dumps([version.tags, version.description, version.source])),
@@ -140,7 +144,7 @@ def test_secret_canaries_reach_the_run_and_appear_nowhere_it_writes(ops_stack, o
                 leaks.append(f"{name} in {what}")
     # Files: the stack's (worker stdout/stderr, server logs, MLflow artifacts, persisted Prefect results, decoded)
     # and the outputs (distributed.log, summaries, checkpoints, reports); the two config files are the inputs.
-    leaks += _files_holding([ops_stack["state"], ops_config_root], canaries, skip={field_config})
+    leaks += _files_holding([ops_stack["state"], ops_config_root], pieces, skip={field_config})
     dump = _database_dumps()
-    leaks += [f"{name} in a database dump" for name, value in canaries.items() if value in dump]
+    leaks += [f"{name} in a database dump" for name, value in pieces.items() if value in dump]
     assert leaks == []
