@@ -22,24 +22,17 @@ from lora_pipeline.config import RegistryConfig
 from lora_pipeline.errors import is_transient
 from lora_pipeline.logged_models import STALE_PENDING_SECONDS, reusable_logged_model
 from lora_pipeline.registry import register_model
-from tests.tiny_model import build_tiny_llama
+from tests.helpers.registry import PROMPT, env  # noqa: F401  (fixture)
 
 NAME = "tiny-upload-faults"
-PROMPT = [{"role": "user", "content": "what is the capital of france?"}]
 LINEAGE = {"data_hash": "d41d8cd9", "config_hash": "0123abcd"}
 _real_log_artifacts = LocalArtifactRepository.log_artifacts
 
 
 @pytest.fixture(scope="module")
-def store(mlflow_workdir, tmp_path_factory):
-    """A tiny merged model and a tracking store with a local artifact root (built once: ~3 s)."""
-    out = tmp_path_factory.mktemp("upload-faults")
-    model = build_tiny_llama(out / "merged")
-    adapter = out / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"r": 4}')
-    return {"out": out, "model": model.path, "adapter": adapter, "uri": tracking.default_tracking_uri(out),
-            "artifacts": out / "mlartifacts"}
+def store(env):
+    """The registry tests' tiny model and tracking store, and the local artifact root uploads land in."""
+    return {**env, "model": env["model"].path, "artifacts": env["out"] / "mlartifacts"}
 
 
 def _new_run(store, name: str) -> str:
