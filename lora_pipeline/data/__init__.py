@@ -6,10 +6,12 @@
 * ``sources``      readers (JSONL streamed, JSON, CSV, Parquet, ``save_to_disk`` dirs, hub datasets)
 * ``formats``      per-format normalisers to ``{"messages": [{"role", "content"}]}`` / ``{"text"}``
 * ``text``         whitespace/Unicode normalisation and fingerprints
+* ``dedup``        exact de-duplication in 8 bytes per distinct row (sorted numpy runs)
 * ``cleaning``     the quarantine rules (:data:`REASONS`) and decontamination
+* ``tokens``       rows templated and tokenized in batches, as ``formatting.tokenize_row`` does one at a time
 * ``writer``       streams rows into ``clean.jsonl`` / ``quarantine.jsonl``
-* ``profile``      the text-free derived-column table GX validates
-* ``expectations`` the GX suite, validation result and Data Docs
+* ``profile``      the text-free derived-column table GX validates, in chunks, and its exact statistics
+* ``expectations`` the GX suite, run chunk by chunk into one validation result and Data Docs
 * ``report``       failure rules and ``report.json``
 * ``stage``        ``validate_dataset`` / ``read_messages``
 """

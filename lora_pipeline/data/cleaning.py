@@ -10,13 +10,15 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # type: ignore[attr-defined]  # json.dumps' string encoder
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from lora_pipeline.data.dedup import FingerprintSet
 from lora_pipeline.data.formats import detect_format, normalise_record
 from lora_pipeline.data.reasons import REASONS, DataError, ordered
 from lora_pipeline.data.sources import DataSource, SourceRow, resolve_source
-from lora_pipeline.data.text import fingerprint, matching_key
+from lora_pipeline.data.text import fingerprint, fingerprint_bytes, matching_key
 
 STRUCTURAL = frozenset({"missing_field", "wrong_type"})
 
@@ -55,15 +57,36 @@ def _texts(row: dict[str, Any]) -> Iterator[str]:
         yield from (message["content"] for message in row["messages"])
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome for one source row: the normalised row and its reasons (empty = clean)."""
+def row_line(row: dict[str, Any]) -> bytes:
+    """A normalised row as its ``clean.jsonl`` line: ``json.dumps(row, ensure_ascii=False)``, UTF-8, newline.
+
+    Normalised rows are built with a fixed key order (``messages`` / ``role`` / ``content``, or ``text``),
+    so two rows are equal exactly when their lines are: the line is also what duplicates are found by.
+    Their two shapes are written out directly with the string encoder ``json.dumps`` itself uses (4x faster
+    than the generic encoder, byte for byte the same).
+    """
+    quote = encode_basestring
+    if "messages" in row and len(row) == 1:
+        turns = ", ".join(['{"role": ' + quote(turn["role"]) + ', "content": ' + quote(turn["content"]) + "}"
+                           for turn in row["messages"]])
+        return ('{"messages": [' + turns + "]}\n").encode("utf-8")
+    if "text" in row and len(row) == 1:
+        return ('{"text": ' + quote(row["text"]) + "}\n").encode("utf-8")
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class Verdict(NamedTuple):
+    """The outcome for one source row: the normalised row and its reasons (empty = clean).
+
+    (A named tuple, not a dataclass: one is made per source row, and a tuple is made twice as fast.)
+    """
 
     row: dict[str, Any] | None
     reasons: list[str]
     content_hash: int | None = None  # fingerprint of the normalised row (what duplicates are found by)
     detail: str | None = None  # why, in words, when the reason code alone does not say (template errors)
     prompt_key: int | None = None  # fingerprint of the normalised prompt (decontamination, held-out split)
+    jsonl: bytes | None = None  # the normalised row's JSONL line (:func:`row_line`), written if it is clean
 
     @property
     def clean(self) -> bool:
@@ -73,8 +96,9 @@ class Verdict:
 class RowChecker:
     """Applies every rule to a stream of rows; remembers fingerprints to find duplicates.
 
-    Memory grows by one 64-bit fingerprint per distinct row (exact de-duplication needs to remember
-    what it has seen); the texts themselves are never kept.
+    Memory grows by one 64-bit fingerprint (8 bytes, in a :class:`~lora_pipeline.data.dedup.FingerprintSet`)
+    per distinct normalised row: exact de-duplication has to remember what it has seen. The texts
+    themselves are never kept.
     """
 
     def __init__(self, data_format: str, special_tokens: Iterable[str] = (),
@@ -83,29 +107,43 @@ class RowChecker:
         tokens = sorted({token for token in special_tokens if token}, key=len, reverse=True)
         self._special = re.compile("|".join(map(re.escape, tokens))) if tokens else None
         self._contaminated = contaminated_prompts
-        self._seen: set[int] = set()
+        self._seen = FingerprintSet()
 
     def check(self, source_row: SourceRow) -> Verdict:
         """Normalise one source row and collect every reason that applies to it."""
-        if source_row.unparseable:
-            return Verdict(None, ["unparseable"])
-        parsed = normalise_record(source_row.record, self.data_format)
-        if parsed.row is None:
-            return Verdict(None, ordered(parsed.reasons))
-        row, reasons = parsed.row, parsed.reasons | content_problems(parsed.row)
-        if self._special is not None and any(self._special.search(text) for text in _texts(row)):
-            reasons.add("special_token_in_text")
+        return self.check_batch([source_row])[0]
+
+    def check_batch(self, source_rows: Sequence[SourceRow]) -> list[Verdict]:
+        """:meth:`check` for consecutive rows, in order (duplicates are looked up once per batch)."""
+        pending: list[tuple[int, dict[str, Any], set[str], bytes, int, int | None]] = []
+        verdicts: list[Verdict | None] = [None] * len(source_rows)
+        special = self._special
+        for index, source_row in enumerate(source_rows):
+            if source_row.unparseable:
+                verdicts[index] = Verdict(None, ["unparseable"])
+                continue
+            parsed = normalise_record(source_row.record, self.data_format)
+            if parsed.row is None:
+                verdicts[index] = Verdict(None, ordered(parsed.reasons))
+                continue
+            row = parsed.row
+            reasons = parsed.reasons | content_problems(row)
+            if special is not None and any(special.search(text) for text in _texts(row)):
+                reasons.add("special_token_in_text")
+            line = row_line(row)
+            prompt = matching_key(prompt_text(row))
+            prompt_key = fingerprint(prompt) if prompt else None
+            if prompt_key is not None and prompt_key in self._contaminated:
+                reasons.add("contaminated")
+            pending.append((index, row, reasons, line, fingerprint_bytes(line), prompt_key))
         # Every normalised row registers its fingerprint, so repeats of a rejected row are also
         # reported as duplicates: the first occurrence always keeps only its own reasons.
-        key = fingerprint(json.dumps(row, sort_keys=True, ensure_ascii=False))
-        if key in self._seen:
-            reasons.add("duplicate")
-        self._seen.add(key)
-        prompt = matching_key(prompt_text(row))
-        prompt_key = fingerprint(prompt) if prompt else None
-        if prompt_key is not None and prompt_key in self._contaminated:
-            reasons.add("contaminated")
-        return Verdict(row, ordered(reasons), key, prompt_key=prompt_key)
+        repeated = self._seen.add_batch([key for *_, key, _ in pending])
+        for (index, row, reasons, line, key, prompt_key), duplicate in zip(pending, repeated, strict=True):
+            if duplicate:
+                reasons.add("duplicate")
+            verdicts[index] = Verdict(row, ordered(reasons), key, prompt_key=prompt_key, jsonl=line)
+        return verdicts  # type: ignore[return-value]  # every slot is filled
 
 
 def strict_rows(source: str | Path, data_format: str) -> Iterator[dict[str, Any]]:

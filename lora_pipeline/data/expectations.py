@@ -5,13 +5,30 @@ was written (roles, non-empty turns, uniqueness, row count, length distribution)
 the cleaning code, or data that is clean row by row but wrong as a whole (too few rows, lengths far
 beyond the token budget), still stops the run. Results and Data Docs are written under ``out_dir``
 through an ephemeral context: nothing goes to the working directory or a ``gx/`` project folder.
+
+Every clean row is validated, in memory that does not grow with the row count (:class:`SuiteRun`):
+
+* row-by-row expectations (values between, in a set, not null, column pairs equal, the column set) run
+  in GX on consecutive fixed-size chunks of the table; their results add up exactly (element, unexpected
+  and missing counts; the first offending rows are the first chunk's first, and so on);
+* uniqueness of ``content_hash`` runs in GX on hash partitions of the whole table (every copy of a
+  value lands in the same partition), read back from a ``(line, content_hash)`` file spilled to disk;
+* the three whole-table aggregates (row count, median token length, mean truncated share) are computed
+  exactly by the profile's streaming statistics and judged against the same bounds.
+
+The aggregated result has the shape of a single GX run over the whole table: the same expectations in
+the same order, the same counts and first offending lines, one ``gx_validation_result.json`` and one
+Data Docs page.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +46,20 @@ SUITE_NAME = "clean_rows"
 RESULT_FILENAME = "gx_validation_result.json"
 DATA_DOCS_DIRNAME = "data_docs"
 LINE_COLUMN = "line"
+HASH_COLUMN = "content_hash"
+RESULT_FORMAT = {"result_format": "SUMMARY", "unexpected_index_column_names": [LINE_COLUMN],
+                 "partial_unexpected_count": PARTIAL_UNEXPECTED_ROWS}
+#: Rows per hash partition of the uniqueness check (two int64 columns: ~8 MB of table per partition).
+UNIQUE_PARTITION_ROWS = 500_000
+#: Rows read at a time from the spilled (line, content_hash) file.
+_SPILL_BLOCK_ROWS = 1 << 20
+_SPILL_FILENAME = ".gx_content_hashes.partial"
+#: Expectations whose result is a row-by-row count (summed over chunks).
+_ROW_EXPECTATIONS = ("expect_column_values_to_not_be_null", "expect_column_values_to_be_between",
+                     "expect_column_values_to_be_in_set", "expect_column_pair_values_to_be_equal")
+#: Expectations on the whole table, and the metric each compares with its bounds.
+_TABLE_METRICS = ("expect_table_row_count_to_be_between", "expect_column_median_to_be_between",
+                  "expect_column_mean_to_be_between")
 
 
 @dataclass(frozen=True)
@@ -163,49 +194,278 @@ def _describe(result: Any) -> FailedExpectation:
     return FailedExpectation(f"{config.type}({args})", observed, lines)
 
 
-def run_suite(table: Any, bounds: SuiteBounds, chat: bool, out_dir: Path, tokens: bool = False) -> GxOutcome:
-    """Validate ``table`` with a GX checkpoint; save the result JSON and build Data Docs in ``out_dir``.
+class _RowCounts:
+    """One row-by-row expectation's result, summed over chunks (or partitions)."""
+
+    def __init__(self, result: Any, ordered_by_line: bool = True) -> None:
+        self.first = result  # the first chunk's ExpectationValidationResult (its config and result keys)
+        self.ordered_by_line = ordered_by_line
+        self.element_count = 0
+        self.unexpected_count = 0
+        self.missing_count: int | None = 0 if "missing_count" in (result.result or {}) else None
+        self.unexpected: list[tuple[Any, Any]] = []  # (index entry, value) of the first offending rows
+        self.exception: Any = None
+
+    def add(self, result: Any) -> None:
+        if result.exception_info and result.exception_info.get("raised_exception"):
+            self.exception = self.exception or result
+            return
+        details = result.result or {}
+        self.element_count += details.get("element_count") or 0
+        self.unexpected_count += details.get("unexpected_count") or 0
+        if self.missing_count is not None:
+            self.missing_count += details.get("missing_count") or 0
+        pairs = list(zip(details.get("partial_unexpected_index_list") or [],
+                         details.get("partial_unexpected_list") or [], strict=False))
+        if self.ordered_by_line:
+            if len(self.unexpected) < PARTIAL_UNEXPECTED_ROWS:
+                self.unexpected += pairs[: PARTIAL_UNEXPECTED_ROWS - len(self.unexpected)]
+        else:  # partitions: keep the first offending rows by source line
+            self.unexpected = sorted(self.unexpected + pairs, key=lambda pair: pair[0][LINE_COLUMN])
+            del self.unexpected[PARTIAL_UNEXPECTED_ROWS:]
+
+    def finish(self) -> Any:
+        """The result a single GX run over all the rows gives (GX's own formulas and keys, SUMMARY format)."""
+        result = self.first
+        if self.exception is not None:
+            result.success, result.result, result.exception_info = False, {}, self.exception.exception_info
+            return result
+        kwargs = result.expectation_config.kwargs
+        mostly = kwargs.get("mostly") if kwargs.get("mostly") is not None else 1.0
+        total, unexpected = self.element_count, self.unexpected_count
+        nonnull = None if self.missing_count is None else total - self.missing_count
+        if self.missing_count is None:  # expect_column_values_to_not_be_null: nulls are what it counts
+            success = total == 0 or (total - unexpected) / total >= mostly
+        else:
+            success = total == 0 or nonnull == 0 or (float(nonnull) - float(unexpected)) / float(nonnull) >= mostly
+        values = [value for _, value in self.unexpected]
+        details: dict[str, Any] = {"element_count": total, "unexpected_count": unexpected}
+        percent_total = unexpected / total * 100 if total > 0 else None
+        if nonnull is None:
+            details["unexpected_percent"] = percent_total
+        else:
+            details["unexpected_percent"] = (unexpected / nonnull * 100 if nonnull > 0 else None) if total > 0 else None
+        details["partial_unexpected_list"] = values
+        details["unexpected_index_column_names"] = [LINE_COLUMN]
+        if nonnull is not None:
+            details["missing_count"] = self.missing_count
+            details["missing_percent"] = self.missing_count / total * 100 if total > 0 else None
+            details["unexpected_percent_total"] = percent_total
+            details["unexpected_percent_nonmissing"] = details["unexpected_percent"]
+        hashable = [tuple(value.values()) if isinstance(value, dict) else value for value in values]
+        try:
+            details["partial_unexpected_counts"] = [
+                {"value": value, "count": count} for value, count in sorted(
+                    Counter(hashable).most_common(PARTIAL_UNEXPECTED_ROWS), key=lambda item: (-item[1], item[0]))]
+        except TypeError:
+            pass  # what GX does with unhashable values: no counts
+        details["partial_unexpected_index_list"] = [entry for entry, _ in self.unexpected]
+        result.success, result.result = bool(success), details
+        return result
+
+
+def _between(value: Any, kwargs: dict[str, Any]) -> bool:
+    """``min_value <= value <= max_value`` as the *_to_be_between expectations judge an observed value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    low_ok = low is None or (value > low if kwargs.get("strict_min") else value >= low)
+    high_ok = high is None or (value < high if kwargs.get("strict_max") else value <= high)
+    return bool(low_ok and high_ok)
+
+
+class SuiteRun:
+    """Validate the clean table chunk by chunk and aggregate into one GX result and one Data Docs page.
+
+    Call :meth:`validate` with consecutive chunks of the table (in source order, at least one chunk, which
+    may be empty), then :meth:`finish` with the whole table's statistics; :meth:`close` removes the
+    spill file if the run is abandoned. Memory: one chunk (or one hash partition) at a time.
+
+    Args:
+        bounds: Suite thresholds.
+        chat: Chat rows (True) or ``text`` rows (False).
+        out_dir: Receives ``gx_validation_result.json`` and ``data_docs/``.
+        tokens: The table has the token columns of the tokenized samples (checked too).
+    """
+
+    def __init__(self, bounds: SuiteBounds, chat: bool, out_dir: Path, tokens: bool = False) -> None:
+        import great_expectations as gx
+
+        self.out_dir = out_dir
+        self.docs_dir = out_dir / DATA_DOCS_DIRNAME
+        shutil.rmtree(self.docs_dir, ignore_errors=True)  # a re-run must not show the previous run's pages
+        self.context = _ephemeral_context(self.docs_dir)
+        asset = self.context.data_sources.add_pandas("clean_data").add_dataframe_asset("clean_rows")
+        self._batches = asset.add_batch_definition_whole_dataframe("all_rows")
+        self.suite = self.context.suites.add(gx.ExpectationSuite(name=SUITE_NAME))
+        for expectation in build_expectations(bounds, chat, tokens):
+            kind = expectation.expectation_type
+            if kind not in _ROW_EXPECTATIONS + _TABLE_METRICS + ("expect_table_columns_to_match_set",
+                                                                 "expect_column_values_to_be_unique"):
+                raise ValueError(f"{kind} has no chunked aggregation in SuiteRun")
+            self.suite.add_expectation(expectation)
+        self.n_rows = 0
+        self.n_chunks = 0
+        self._order: list[str] = []  # expectation ids in GX's result order (from the first chunk)
+        self._results: dict[str, Any] = {}  # id -> _RowCounts, or the first chunk's result (table-level)
+        self._last: Any = None  # the last chunk's suite result: the envelope (meta, batch id) of the aggregate
+        self._spill_path = out_dir / _SPILL_FILENAME
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._spill = self._spill_path.open("wb")
+
+    def validate(self, frame: Any) -> None:
+        """Validate one chunk of the table (rows in source order, after the previous chunk's)."""
+        import numpy as np
+
+        suite_result = self._batches.get_batch(batch_parameters={"dataframe": frame}).validate(
+            self.suite, result_format=RESULT_FORMAT)
+        for result in suite_result.results:
+            key = result.expectation_config.id
+            kind = result.expectation_config.type
+            if not self.n_chunks:
+                self._order.append(key)
+                self._results[key] = _RowCounts(result) if kind in _ROW_EXPECTATIONS else result
+            if kind in _ROW_EXPECTATIONS:
+                self._results[key].add(result)
+            elif kind == "expect_table_columns_to_match_set" and not result.success \
+                    and self._results[key].success:
+                self._results[key] = result  # the first failing chunk tells what is wrong
+        self._last = suite_result
+        self.n_chunks += 1
+        self.n_rows += len(frame)
+        if len(frame) and HASH_COLUMN in frame and LINE_COLUMN in frame:
+            pairs = np.empty((len(frame), 2), dtype=np.int64)
+            pairs[:, 0], pairs[:, 1] = frame[LINE_COLUMN].to_numpy(), frame[HASH_COLUMN].to_numpy()
+            pairs.tofile(self._spill)
+
+    def _unique(self, result: Any) -> Any:
+        """``expect_column_values_to_be_unique`` over the whole table, validated by GX partition by partition.
+
+        Rows are split by ``content_hash`` modulo the number of partitions, so all copies of a value are in
+        one partition and each partition's unexpected rows are exactly its rows' share of the whole
+        table's; partitions keep source order.
+        """
+        import numpy as np
+        import pandas as pd
+
+        self._spill.close()
+        expectation = next(e for e in self.suite.expectations if e.id == result.expectation_config.id)
+        partitions = max(1, math.ceil(self.n_rows / UNIQUE_PARTITION_ROWS))
+        counts = _RowCounts(result, ordered_by_line=False)
+        for partition in range(partitions):
+            lines, hashes = [], []
+            with self._spill_path.open("rb") as spill:
+                while len(block := np.fromfile(spill, dtype=np.int64, count=2 * _SPILL_BLOCK_ROWS)):
+                    block = block.reshape(-1, 2)
+                    mine = block[block[:, 1].view(np.uint64) % np.uint64(partitions) == partition]
+                    lines.append(mine[:, 0])
+                    hashes.append(mine[:, 1])
+            table = pd.DataFrame({LINE_COLUMN: np.concatenate(lines) if lines else np.zeros(0, np.int64),
+                                  HASH_COLUMN: np.concatenate(hashes) if hashes else np.zeros(0, np.int64)})
+            counts.add(self._batches.get_batch(batch_parameters={"dataframe": table}).validate(
+                expectation, result_format=RESULT_FORMAT))
+            del lines, hashes, table
+        return counts.finish()
+
+    def finish(self, stats: Any) -> GxOutcome:
+        """Aggregate the chunks, add the whole-table checks, save the result JSON and build Data Docs.
+
+        Args:
+            stats: The whole table's :class:`~lora_pipeline.data.profile.ColumnStats`.
+
+        Returns:
+            Success, failed expectations with their first offending source lines, and the output paths.
+        """
+        from great_expectations.core.run_identifier import RunIdentifier
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
+
+        if not self.n_chunks:
+            raise ValueError("SuiteRun.finish before any chunk was validated")
+        metrics = {"expect_table_row_count_to_be_between": self.n_rows,
+                   "expect_column_median_to_be_between": lambda column: stats.median(column),
+                   "expect_column_mean_to_be_between": lambda column: stats.truncated_mean()}
+        results = []
+        for key in self._order:
+            entry = self._results[key]
+            kind = entry.first.expectation_config.type if isinstance(entry, _RowCounts) \
+                else entry.expectation_config.type
+            if isinstance(entry, _RowCounts):
+                results.append(entry.finish())
+            elif kind == "expect_column_values_to_be_unique":
+                results.append(self._unique(entry))
+            elif kind in _TABLE_METRICS:
+                kwargs = entry.expectation_config.kwargs
+                metric = metrics[kind]
+                value = metric(kwargs.get("column")) if callable(metric) else metric
+                entry.success, entry.result = _between(value, kwargs), {"observed_value": value}
+                entry.exception_info = {"raised_exception": False, "exception_traceback": None,
+                                        "exception_message": None}
+                results.append(entry)
+            else:  # the column set: the same in every chunk
+                results.append(entry)
+        self.close()
+        suite_result = self._last
+        successful = sum(bool(result.success) for result in results)
+        suite_result.results = results
+        suite_result.success = successful == len(results)
+        suite_result.statistics = {"evaluated_expectations": len(results), "successful_expectations": successful,
+                                   "unsuccessful_expectations": len(results) - successful,
+                                   "success_percent": successful / len(results) * 100 if results else None}
+        run_id = RunIdentifier(run_time=datetime.now(timezone.utc))
+        suite_result.meta.update({"run_id": run_id, "validation_time": run_id.run_time,
+                                  "batch_parameters": {"dataframe": "<DATAFRAME>"},
+                                  "chunks": {"n_rows": self.n_rows, "n_chunks": self.n_chunks,
+                                             "unique_partitions": max(1, math.ceil(
+                                                 self.n_rows / UNIQUE_PARTITION_ROWS))}})
+        result_path = self.out_dir / RESULT_FILENAME
+        result_path.write_text(json.dumps(suite_result.to_json_dict(), indent=2, default=str))
+        key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=SUITE_NAME),
+                                         run_id=run_id, batch_identifier=suite_result.batch_id)
+        self.context.validation_results_store.store_validation_results(suite_result, key)
+        self.context.build_data_docs(resource_identifiers=[key, ExpectationSuiteIdentifier(name=SUITE_NAME)])
+        failed = [_describe(result) for result in results if not result.success]
+        return GxOutcome(
+            success=bool(suite_result.success),
+            n_expectations=len(results),
+            failed=failed,
+            result_path=result_path,
+            data_docs_dir=self.docs_dir if (self.docs_dir / "index.html").is_file() else None,
+        )
+
+    def close(self) -> None:
+        """Remove the spill file (idempotent)."""
+        self._spill.close()
+        self._spill_path.unlink(missing_ok=True)
+
+
+def run_suite(table: Any, bounds: SuiteBounds, chat: bool, out_dir: Path, tokens: bool = False,
+              chunk_rows: int | None = None) -> GxOutcome:
+    """Validate a whole derived-column ``table`` as the data stage does (in chunks of ``chunk_rows``).
 
     Args:
         table: The derived-column DataFrame (see :class:`lora_pipeline.data.profile.Profile`).
         bounds: Suite thresholds.
         chat: Chat rows (True) or ``text`` rows (False).
-        tokens: The table has the token columns of the tokenized samples (checked too).
         out_dir: Receives ``gx_validation_result.json`` and ``data_docs/``.
+        tokens: The table has the token columns of the tokenized samples (checked too).
+        chunk_rows: Rows per GX chunk (default: the profile's chunk size).
 
     Returns:
         Success, failed expectations with their first offending source lines, and the output paths.
     """
-    import great_expectations as gx
-    from great_expectations.checkpoint import Checkpoint, UpdateDataDocsAction
+    from lora_pipeline.data.profile import CHUNK_ROWS, ColumnStats
 
-    docs_dir = out_dir / DATA_DOCS_DIRNAME
-    shutil.rmtree(docs_dir, ignore_errors=True)  # a re-run must not show the previous run's pages
-    context = _ephemeral_context(docs_dir)
-    batch = context.data_sources.add_pandas("clean_data").add_dataframe_asset("clean_rows")
-    batch_definition = batch.add_batch_definition_whole_dataframe("all_rows")
-    suite = context.suites.add(gx.ExpectationSuite(name=SUITE_NAME))
-    for expectation in build_expectations(bounds, chat, tokens):
-        suite.add_expectation(expectation)
-    validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name="clean_rows_validation", data=batch_definition, suite=suite))
-    checkpoint = context.checkpoints.add(Checkpoint(
-        name="data_stage",
-        validation_definitions=[validation],
-        actions=[UpdateDataDocsAction(name="update_data_docs")],
-        # SUMMARY + the line column: each failure names source lines, without GX listing every row.
-        result_format={"result_format": "SUMMARY", "unexpected_index_column_names": [LINE_COLUMN],
-                       "partial_unexpected_count": PARTIAL_UNEXPECTED_ROWS},
-    ))
-    outcome = checkpoint.run(batch_parameters={"dataframe": table})
-    (suite_result,) = outcome.run_results.values()
-    result_path = out_dir / RESULT_FILENAME
-    result_path.write_text(json.dumps(suite_result.to_json_dict(), indent=2, default=str))
-    failed = [_describe(result) for result in suite_result.results if not result.success]
-    return GxOutcome(
-        success=bool(suite_result.success),
-        n_expectations=len(suite_result.results),
-        failed=failed,
-        result_path=result_path,
-        data_docs_dir=docs_dir if (docs_dir / "index.html").is_file() else None,
-    )
+    step = chunk_rows or CHUNK_ROWS
+    stats = ColumnStats(tuple(table.columns))
+    run = SuiteRun(bounds, chat, out_dir, tokens)
+    try:
+        for start in range(0, max(len(table), 1), step):
+            chunk = table.iloc[start:start + step]
+            stats.update({name: chunk[name].to_numpy() for name in table.columns})
+            run.validate(chunk.reset_index(drop=True))
+        return run.finish(stats)
+    finally:
+        run.close()

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lora_pipeline.config import BUILTIN_DEMO
 from lora_pipeline.data.reasons import DataError
@@ -34,9 +34,8 @@ CSV_CHUNK_ROWS = 10_000
 PARQUET_BATCH_ROWS = 10_000
 
 
-@dataclass(frozen=True)
-class SourceRow:
-    """One raw row and where it came from.
+class SourceRow(NamedTuple):
+    """One raw row and where it came from (a named tuple: one is made per row, twice as fast as a dataclass).
 
     Attributes:
         line: 1-based physical line for JSONL; 1-based row index for every other source.

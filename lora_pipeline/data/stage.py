@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import DataConfig
 from lora_pipeline.data.cleaning import RowChecker, build_contamination_index, strict_rows
-from lora_pipeline.data.expectations import SuiteBounds, run_suite
+from lora_pipeline.data.expectations import SuiteBounds, SuiteRun
+from lora_pipeline.data.profile import Profile
 from lora_pipeline.data.report import build_report, failure_messages, reject_fraction
 from lora_pipeline.data.sources import resolve_source
 from lora_pipeline.data.writer import CLEAN_FILENAME, EVAL_FILENAME, QUARANTINE_FILENAME, split_source
@@ -56,8 +59,9 @@ def validate_dataset(
     """Load, normalise, clean and validate a training set; quarantine rejected rows with reasons.
 
     Every source row ends up in exactly one of ``clean.jsonl`` and ``quarantine.jsonl``. The clean
-    rows' derived columns are then checked by a Great Expectations suite, whose result JSON and Data
-    Docs are written under ``out_dir``.
+    rows' derived columns are checked by a Great Expectations suite, in fixed-size chunks while the rows
+    stream (every row is checked; memory does not grow with the row count), and the result JSON and Data
+    Docs of the whole table are written under ``out_dir``.
 
     Args:
         cfg: The data config (``format``, ``min_rows``, ``max_reject_fraction``, ``max_length``).
@@ -85,18 +89,50 @@ def validate_dataset(
         DataError: the source (or a decontamination file) is missing or cannot be read at all.
     """
     started = time.perf_counter()
+    with _long_lived_objects_frozen() as freeze:
+        return _validate(cfg, source, out_dir, started, freeze, special_tokens=special_tokens,
+                         decontaminate_against=decontaminate_against, tokenizer=tokenizer, stop_ids=stop_ids,
+                         held_out_fraction=held_out_fraction)
+
+
+@contextmanager
+def _long_lived_objects_frozen() -> Iterator[Callable[[], None]]:
+    """Keep long-lived objects (libraries, the tokenizer, the GX context) out of the cyclic garbage collector's full
+    passes while the stage runs: each pass would walk all of them again, and streaming millions of rows triggers
+    thousands of passes (about 15 % of the stage's time). Yields a function that freezes what exists now (call it
+    once the stage's own long-lived objects are made). Left alone if the caller froze objects itself."""
+    if gc.get_freeze_count():
+        yield lambda: None
+        return
+    gc.freeze()
+    try:
+        yield gc.freeze
+    finally:
+        gc.unfreeze()
+
+
+def _validate(cfg: DataConfig, source: str | Path, out_dir: Path, started: float, freeze: Callable[[], None], *,
+              special_tokens: Sequence[str], decontaminate_against: Sequence[Path], tokenizer: Any,
+              stop_ids: Sequence[int] | None, held_out_fraction: float | None) -> ValidationResult:
     src = resolve_source(source)
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     contamination = build_contamination_index(decontaminate_against)
     checker = RowChecker(cfg.format, special_tokens, contamination.prompts)
     chat = cfg.format != "text"
-    tally = split_source(src, checker, out_dir, chat=chat, tokenizer=tokenizer, max_length=cfg.max_length,
-                         stop_ids=list(stop_ids) if stop_ids is not None else None,
-                         held_out_fraction=held_out_fraction)
-    del checker  # its fingerprint set (~70 bytes per row) is not needed by the GX step: free it first
     bounds = SuiteBounds.from_config(cfg)
-    gx = run_suite(tally.profile.to_frame(), bounds, chat, out_dir, tokens=tokenizer is not None)
+    suite = SuiteRun(bounds, chat, out_dir, tokens=tokenizer is not None)
+    try:
+        profile = Profile(chat, tokens=tokenizer is not None, on_chunk=suite.validate)
+        freeze()  # the GX context and the contamination index live as long as the stage
+        tally = split_source(src, checker, out_dir, chat=chat, tokenizer=tokenizer, max_length=cfg.max_length,
+                             stop_ids=list(stop_ids) if stop_ids is not None else None,
+                             held_out_fraction=held_out_fraction, profile=profile)
+        del checker  # its fingerprints (8 bytes per distinct row) are not needed by the last GX steps
+        profile.flush()
+        gx = suite.finish(profile.stats)
+    finally:
+        suite.close()
     failures = failure_messages(cfg, src, tally, gx, held_out_fraction)
     success = gx.success and not failures
     seconds = time.perf_counter() - started
