@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the alias this often and swap to a newly promoted version without dropping "
                        "requests (0: keep serving the version loaded at start)")
     serve.add_argument("--max-queue", type=int, default=32,
-                       help="requests admitted at once (one generates, the rest wait); more get 429")
+                       help="requests admitted at once (up to --max-batch generate together, the rest wait); "
+                       "more get 429")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="greedy requests generated together in one batch at most (1: one at a time)")
     _add_config_args(serve)
     deploy = commands.add_parser(
         "deploy", help="register the deployments of prefect.yaml with the Prefect API (wraps `prefect deploy`)")
@@ -122,10 +125,11 @@ def _aliases(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     import ipaddress
     import logging
+    from functools import partial
 
     import uvicorn
 
-    from lora_pipeline.serving import API_KEY_ENV, AliasFollower, build_app
+    from lora_pipeline.serving import API_KEY_ENV, AliasFollower, build_app, load_version
 
     api_key = os.environ.get(API_KEY_ENV) or None
     try:
@@ -136,13 +140,16 @@ def _serve(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         print(f"error: serving on {args.host} (beyond this machine) needs an API key: export {API_KEY_ENV}; clients "
               "then send Authorization: Bearer <key>", file=sys.stderr)
         return 2
+    if args.max_batch < 1:
+        print(f"error: --max-batch must be at least 1 (got {args.max_batch})", file=sys.stderr)
+        return 2
 
     for key, value in _PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("lora_pipeline").setLevel(logging.INFO)  # "now serving version N" after a promotion
     try:
-        source = AliasFollower(_tracking_uri(cfg), args.model)
+        source = AliasFollower(_tracking_uri(cfg), args.model, load=partial(load_version, max_batch=args.max_batch))
     except (ValueError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

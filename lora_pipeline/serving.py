@@ -5,8 +5,10 @@ applied, as in training and evaluation) and ``GET /health``. Made for CPU smoke 
 small internal services; for GPU serving at scale use vLLM (see ``deployments/README.md``). The
 version behind ``NAME@ALIAS`` is loaded from the MLflow registry (merged or adapter form) and the
 alias is followed: a promotion or rollback swaps the new version in without dropping requests.
-Generation runs one request at a time, greedy when ``temperature`` is 0, and stops at every id of the
-model's generation config (its whole stop set).
+Greedy requests (``temperature`` 0, no ``seed``) waiting for the model are generated together, up to
+``max_batch`` in one left-padded ``generate`` (:mod:`lora_pipeline.serving_batch`), each answer the same
+as alone; a sampled or seeded request runs alone, as reproducible per seed as before. Generation stops
+at every id of the model's generation config (its whole stop set).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from pydantic import BaseModel, Field
 
 from lora_pipeline.formatting import encode_generation_prompt
+from lora_pipeline.serving_batch import (DEFAULT_GATHER_SECONDS, DEFAULT_LINGER_SECONDS, DEFAULT_MAX_BATCH,
+                                          Batcher, generate_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +76,31 @@ class GenerationResult:
 
 
 class TextGenerator:
-    """A causal LM and its tokenizer behind a lock: prompt ids in, decoded text and finish reason out."""
+    """A causal LM and its tokenizer: prompt ids in, decoded text and finish reason out.
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    Requests are queued in a :class:`~lora_pipeline.serving_batch.Batcher` of this generator alone
+    (so two models' requests never share a batch) and never generate at once on the shared model.
+
+    Args:
+        max_batch: Greedy requests generated together at most (1: one at a time).
+        gather_seconds, linger_seconds: How long a batch waits for requests on their way
+            (:mod:`lora_pipeline.serving_batch`).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 gather_seconds: float = DEFAULT_GATHER_SECONDS,
+                 linger_seconds: float = DEFAULT_LINGER_SECONDS) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-        self._lock = threading.Lock()  # one generate() at a time: the model is shared
+        # Padding is masked out; a tokenizer without a pad token pads with a stop id, as generate() would.
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         config = getattr(model, "config", None)
         self.context_window: int | None = getattr(config, "max_position_embeddings", None)
+        self.batcher: Batcher[tuple[list[int], _SamplingRequest], GenerationResult] = Batcher(
+            self._generate_batch, max_batch, can_join=self._fits_together, gather_seconds=gather_seconds,
+            linger_seconds=linger_seconds)
 
     def check_fits(self, prompt_ids: list[int], max_tokens: int) -> None:
         """Raise :class:`PromptTooLong` when prompt + completion exceed the context window (as OpenAI does)."""
@@ -96,24 +115,38 @@ class TextGenerator:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[int], request: _SamplingRequest) -> GenerationResult:
-        """Continue ``prompt_ids``; ``finish_reason`` is ``stop`` when an EOS id ended the answer."""
-        device = next(self.model.parameters()).device
+        """Continue ``prompt_ids``; ``finish_reason`` is ``stop`` when a stop id ended the answer.
+
+        Blocks until the answer is generated, alone or in a batch with other greedy requests.
+        """
+        batchable = request.temperature == 0 and request.seed is None
+        return self.batcher.submit((list(prompt_ids), request), batchable)
+
+    def _fits_together(self, batch: list[tuple[list[int], _SamplingRequest]],
+                       job: tuple[list[int], _SamplingRequest]) -> bool:
+        """Every row of a batch runs to the batch's largest budget: it must stay within the context window."""
+        if self.context_window is None:
+            return True
+        rows = [*batch, job]
+        budget = max(request.max_tokens for _, request in rows)
+        return max(len(prompt) for prompt, _ in rows) + budget <= self.context_window
+
+    def _generate_batch(self, jobs: list[tuple[list[int], _SamplingRequest]]) -> list[GenerationResult]:
+        """One ``generate`` for ``jobs``: a lone request, or greedy requests left-padded together."""
+        request = jobs[0][1]  # a batch of several is all greedy: the same options for every row
         sampling = request.temperature > 0
         options: dict[str, Any] = {"do_sample": sampling}
         if sampling:
             options.update(temperature=request.temperature, top_p=request.top_p)
-        with self._lock:
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            output = self.model.generate(
-                input_ids=torch.tensor([prompt_ids], device=device),
-                attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long, device=device),
-                max_new_tokens=request.max_tokens, eos_token_id=sorted(self.eos_ids),
-                pad_token_id=self.tokenizer.pad_token_id, **options,
-            )
-        new_tokens = output[0, len(prompt_ids):].tolist()
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        rows = generate_rows(self.model, [prompt for prompt, _ in jobs], [job.max_tokens for _, job in jobs],
+                             stop_ids=self.eos_ids, pad_id=self.pad_id, **options)
+        return [self._result(new_tokens, prompt) for new_tokens, (prompt, _) in zip(rows, jobs, strict=True)]
+
+    def _result(self, new_tokens: list[int], prompt_ids: list[int]) -> GenerationResult:
+        """One answer, cut at its first stop id: what the request gets when generated alone."""
         stop_at = next((i for i, token in enumerate(new_tokens) if token in self.eos_ids), None)
         answer = new_tokens if stop_at is None else new_tokens[:stop_at]
         return GenerationResult(
@@ -158,8 +191,9 @@ def build_app(source: ModelSource, model_name: str, *, max_queue: int = DEFAULT_
     """The FastAPI app serving ``source`` under ``model_name`` (what ``/v1/models`` and replies report).
 
     Each request takes ``source.current()`` once, so a model swapped in while it runs never answers
-    half of it: requests in flight finish on the model they started with. At most ``max_queue``
-    requests are admitted at once (one generates, the rest wait for the model); more get 429 with
+    half of it: requests in flight finish on the model they started with (each model batches only its
+    own requests). At most ``max_queue`` requests are admitted at once (up to the generator's
+    ``max_batch`` generate together, the rest wait for the model); more get 429 with
     ``Retry-After``. A prompt that does not fit the context window gets 400 saying so. With ``api_key``,
     every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (``/health`` stays open for probes).
     """
@@ -205,9 +239,10 @@ def build_app(source: ModelSource, model_name: str, *, max_queue: int = DEFAULT_
     def completions(request: CompletionRequest) -> dict[str, Any]:
         with admitted(request):
             generator = source.current().generator
-            prompt_ids = generator.text_prompt_ids(request.prompt)
-            generator.check_fits(prompt_ids, request.max_tokens)
-            result = generator.generate(prompt_ids, request)
+            with generator.batcher.arriving():  # a batch being gathered waits for this request
+                prompt_ids = generator.text_prompt_ids(request.prompt)
+                generator.check_fits(prompt_ids, request.max_tokens)
+                result = generator.generate(prompt_ids, request)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
                 "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
@@ -218,9 +253,10 @@ def build_app(source: ModelSource, model_name: str, *, max_queue: int = DEFAULT_
         with admitted(request):
             messages = [message.model_dump() for message in request.messages]
             generator = source.current().generator
-            prompt_ids = generator.chat_prompt_ids(messages)
-            generator.check_fits(prompt_ids, request.max_tokens)
-            result = generator.generate(prompt_ids, request)
+            with generator.batcher.arriving():  # a batch being gathered waits for this request
+                prompt_ids = generator.chat_prompt_ids(messages)
+                generator.check_fits(prompt_ids, request.max_tokens)
+                result = generator.generate(prompt_ids, request)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name, "usage": _usage(result),
                 # lstrip: SentencePiece-style tokenizers decode the first answer token with its prefix space.
@@ -242,8 +278,9 @@ def parse_model_reference(reference: str) -> tuple[str, str]:
     raise ValueError(f"expected NAME@ALIAS (e.g. my-model@champion), got {reference!r}")
 
 
-def load_version(tracking_uri: str, name: str, version: str) -> TextGenerator:
-    """One registered version, merged or adapter form, ready to serve.
+def load_version(tracking_uri: str, name: str, version: str, *,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> TextGenerator:
+    """One registered version, merged or adapter form, ready to serve (``max_batch``: see :class:`TextGenerator`).
 
     An adapter is merged into its base in memory: one adapter per server, so unmerged LoRA matmuls
     would only slow every token down.
@@ -251,7 +288,7 @@ def load_version(tracking_uri: str, name: str, version: str) -> TextGenerator:
     from lora_pipeline.loading import load_registered_model
 
     loaded = load_registered_model(f"models:/{name}/{version}", tracking_uri, merge_adapter=True)
-    return TextGenerator(loaded.model, loaded.tokenizer)
+    return TextGenerator(loaded.model, loaded.tokenizer, max_batch=max_batch)
 
 
 class AliasFollower:
