@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup browser demo test test-quick smollm2 up down clean bench bench-data bench-train bench-startup bench-eval
+.PHONY: setup browser demo test test-quick smollm2 up down clean bench bench-data bench-train bench-startup bench-eval bench-serve
 
 setup: $(STAMP)
 
@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.evaluation --out outputs/benchmarks
 	$(BIN)/python -m benchmarks.training --out outputs/benchmarks
 	$(BIN)/python -m benchmarks.data_stage --out outputs/benchmarks
+	$(BIN)/python -m benchmarks.serving --out outputs/benchmarks
 	$(BIN)/python -m benchmarks.report --out outputs/benchmarks
 
 bench-data: setup
@@ -59,6 +60,9 @@ bench-startup: setup
 
 bench-eval: setup
 	$(BIN)/python -m benchmarks.evaluation --out outputs/benchmarks
+
+bench-serve: setup
+	$(BIN)/python -m benchmarks.serving --out outputs/benchmarks
 
 # The operations stack on loopback: Prefect server + worker + MLflow server (infra/stack.py). PostgreSQL when
 # POSTGRES_URL (or $$LORA_PIPELINE_POSTGRES_URL) names a server, e.g. postgresql://root@127.0.0.1:5432; else SQLite.

@@ -73,14 +73,29 @@ def _training(data: dict) -> list[dict]:
 
 def _data_stage(data: dict) -> list[dict]:
     small, large = data["small"], data["rows"]
-    with_tok = data["runs"]
-    return [_measure(f"Data stage with the tokenizer: rows/s at {large:,} / at {small:,} rows",
-                     (f"{large} rows", with_tok[f"with_tokenizer_{large}"]["rows_per_second"]),
-                     (f"{small} rows", with_tok[f"with_tokenizer_{small}"]["rows_per_second"]), None)]
+    runs = data["runs"]
+    records = [_measure(f"Data stage with the tokenizer / the tokenizer alone, {small:,} rows (rows/s)",
+                        ("stage", runs[f"with_tokenizer_{small}"]["rows_per_second"]),
+                        ("tokenizer alone", runs["tokenizer_alone"]["rows_per_second"]), ">= 0.5")]
+    if large != small and f"with_tokenizer_{large}" in runs:
+        records.append(_measure(f"Data stage peak RSS: {large:,} / {small:,} rows (MB)",
+                                (f"{large} rows", runs[f"with_tokenizer_{large}"]["peak_rss_mb"]),
+                                (f"{small} rows", runs[f"with_tokenizer_{small}"]["peak_rss_mb"]), "<= 1.2"))
+    return records
+
+
+def _serving(data: dict) -> list[dict]:
+    rates = data["completion_tokens_per_second"]
+    record = _measure(f"Serving, {data['model']}: completion tokens/s, {data['clients']} concurrent clients / one",
+                      (f"{data['clients']} clients", rates["concurrent"]), ("one client", rates["one_client"]),
+                      ">= 3.0")
+    record["met"] = record["met"] and not data["answers_differing"]  # the same replies, or it is no win
+    record["answers_differing"] = len(data["answers_differing"])
+    return [record]
 
 
 READERS = {"startup.json": _startup, "evaluation.json": _evaluation, "training/training.json": _training,
-           "data_stage.json": _data_stage}
+           "data_stage.json": _data_stage, "serving.json": _serving}
 
 
 def machine() -> dict:
