@@ -94,8 +94,36 @@ def _serving(data: dict) -> list[dict]:
     return [record]
 
 
+def _training_real(data: dict) -> list[dict]:
+    name, runs = data["model"]["name"], data["runs"]
+    return [
+        _measure(f"Training tokens/s, {name}: pipeline / plain TRL + PEFT (mean of repeats)",
+                 ("pipeline", data["mean_tokens_per_second"]["pipeline"]),
+                 ("plain_trl", data["mean_tokens_per_second"]["plain_trl"]), ">= 0.95"),
+        _measure(f"Memory of the base, {name}: 4-bit / float32 (MB; the tied embedding stays float32)",
+                 ("4-bit", runs["memory_4bit"]["footprint_mb"]), ("float32", runs["memory_fp32"]["footprint_mb"]),
+                 "<= 0.3"),
+    ]
+
+
+def _quality(data: dict) -> list[dict]:
+    records = []
+    for task, result in data["tasks"].items():
+        seed = next(iter(result["seeds"].values()))
+        records.append(_measure(f"Quality, {task}: held-out answer perplexity, QLoRA / LoRA",
+                                ("qlora", seed["qlora"]["answer_perplexity"]),
+                                ("lora", seed["lora"]["answer_perplexity"]), "<= 1.05",
+                                ratio=result["answer_perplexity_qlora_over_lora"]))
+        points = result["exact_match_qlora_minus_lora_points"]
+        records.append({"benchmark": f"Quality, {task}: task exact match, QLoRA - LoRA (points)",
+                        "sides": {"qlora": seed["qlora"]["exact_match"], "lora": seed["lora"]["exact_match"]},
+                        "ratio": points, "target": "|x| <= 2", "met": abs(points) <= 2})
+    return records
+
+
 READERS = {"startup.json": _startup, "evaluation.json": _evaluation, "training/training.json": _training,
-           "data_stage.json": _data_stage, "serving.json": _serving}
+           "data_stage.json": _data_stage, "serving.json": _serving,
+           "training_smollm2/training.json": _training_real, "quality.json": _quality}
 
 
 def machine() -> dict:

@@ -142,6 +142,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
     batch_sizes = Counter(int(line) for line in batch_log.read_text().split())
+    batch_log.unlink()
     tokens = {side: sum(reply["usage"]["completion_tokens"] for reply in side_replies)
               for side, side_replies in replies.items()}
     medians = {side: statistics.median(values) for side, values in timings.items()}

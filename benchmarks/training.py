@@ -13,9 +13,12 @@
 The model is a randomly initialised Llama (throughput does not depend on what it knows), sized so
 that the matmuls, not Python overhead, dominate: ``--hidden 512 --layers 8`` by default. The chat
 rows have long-tailed lengths like real chat data (log-normal turn lengths; the padding they cause
-in random batches is measured and reported).
+in random batches is measured and reported). Items 1 and 2 are also measured on the real-model fixture,
+SmolLM2-135M-Instruct, by :mod:`benchmarks.training_real` with these same case functions.
 
-Usage: ``.venv/bin/python -m benchmarks.training [--steps 30] [--out outputs/benchmarks]``
+Usage: ``.venv/bin/python -m benchmarks.training [--model synthetic|smollm2|both] [--steps 30] [--real-steps 12]
+[--out outputs/benchmarks]``; results in ``<out>/training/training.json`` and
+``<out>/training_smollm2/training.json``.
 """
 
 from __future__ import annotations
@@ -45,14 +48,8 @@ def _words(rng: random.Random, median: float) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(count))
 
 
-def build_assets(work: Path, hidden: int, layers: int, n_rows: int) -> tuple[Path, Path]:
-    """A random Llama with the demo tokenizer, and variable-length chat rows (median ~50 tokens)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lora_pipeline.demo_world import DemoWorldSpec
-    from lora_pipeline.demo_world.tokenizer import train_tokenizer
-
+def build_rows(work: Path, n_rows: int) -> Path:
+    """Variable-length chat rows (log-normal question and answer lengths; median ~50 words)."""
     rng = random.Random(0)
     rows = []
     for _ in range(n_rows):
@@ -60,6 +57,17 @@ def build_assets(work: Path, hidden: int, layers: int, n_rows: int) -> tuple[Pat
         rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     data = work / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return data
+
+
+def build_model(work: Path, hidden: int, layers: int) -> Path:
+    """A randomly initialised Llama with the demo tokenizer (throughput does not depend on what it knows)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_pipeline.demo_world import DemoWorldSpec
+    from lora_pipeline.demo_world.tokenizer import train_tokenizer
+
     model_dir = work / "model"
     tokenizer = train_tokenizer([" ".join(WORDS)] * 50, DemoWorldSpec(vocab_size=320))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,
@@ -70,7 +78,7 @@ def build_assets(work: Path, hidden: int, layers: int, n_rows: int) -> tuple[Pat
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    return model_dir, data
+    return model_dir
 
 
 #: Samples per step (env ``BENCH_BATCH_SIZE``). 8 is fastest here: at 32, tokens/s drop ~10 % and peak
@@ -167,7 +175,11 @@ def case_plain_trl(model_dir: Path, data: Path, out: Path, steps: int) -> dict:
 
 
 def case_memory(model_dir: Path, quantize: bool) -> dict:
-    """Footprint of the base model loaded as the pipeline loads it (4-bit nf4, or float32)."""
+    """Footprint of the base model loaded as the pipeline loads it (4-bit nf4, or float32).
+
+    ``embedding_mb``: the input embedding's share of it. bitsandbytes quantises ``nn.Linear`` layers only,
+    so the embedding (and a tied LM head, which is the same tensor) stays in the compute dtype.
+    """
     import torch
 
     from lora_pipeline.config import ModelConfig, QuantConfig
@@ -175,7 +187,10 @@ def case_memory(model_dir: Path, quantize: bool) -> dict:
 
     model = load_base_model(ModelConfig(name_or_path=str(model_dir)), QuantConfig(), torch.device("cpu"),
                             quantize=quantize)
-    return {"footprint_mb": round(model.get_memory_footprint() / 2**20, 2)}
+    embedding = model.get_input_embeddings().weight
+    return {"footprint_mb": round(model.get_memory_footprint() / 2**20, 2),
+            "embedding_mb": round(embedding.numel() * embedding.element_size() / 2**20, 2),
+            "tied_embeddings": model.get_output_embeddings().weight is embedding}
 
 
 def case_matmul_peak() -> dict:
@@ -193,47 +208,47 @@ def case_matmul_peak() -> dict:
 
 
 def _run_case(args: list[str]) -> dict:
+    """One case in a fresh interpreter, with the machine's 1-minute load average before and after it (on 2
+    cores, a load above ~2 means another process competed for the CPU and the timing is not clean)."""
+    before = os.getloadavg()[0]
     done = subprocess.run([sys.executable, "-m", "benchmarks.training", "--_case", *args],
                           check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_average": [before, os.getloadavg()[0]]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
-    parser.add_argument("--_case", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args._case:
-        name, *rest = args._case
-        if name == "pipeline":
-            model_dir, data, out, steps, mode = rest  # mode: "0" plain, "1" packed, "grouped"
-            result = case_pipeline(Path(model_dir), Path(data), Path(out), int(steps), mode == "1", mode == "grouped")
-        elif name == "plain":
-            model_dir, data, out, steps = rest
-            result = case_plain_trl(Path(model_dir), Path(data), Path(out), int(steps))
-        elif name == "memory":
-            result = case_memory(Path(rest[0]), rest[1] == "1")
-        else:
-            result = case_matmul_peak()
-        print(json.dumps(result))
-        return
+def _case_main(name: str, rest: list[str]) -> None:
+    """One case in this (fresh) process; its result is the last line of stdout."""
+    if name == "pipeline":
+        model_dir, data, out, steps, mode = rest  # mode: "0" plain, "1" packed, "grouped"
+        result = case_pipeline(Path(model_dir), Path(data), Path(out), int(steps), mode == "1", mode == "grouped")
+    elif name == "plain":
+        model_dir, data, out, steps = rest
+        result = case_plain_trl(Path(model_dir), Path(data), Path(out), int(steps))
+    elif name == "memory":
+        result = case_memory(Path(rest[0]), rest[1] == "1")
+    else:
+        result = case_matmul_peak()
+    print(json.dumps(result))
 
-    work = (args.out / "training").resolve()
-    # A fresh directory per run: the training stage would otherwise reuse the previous run's finished
-    # checkpoints (same config and data) and measure nothing.
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    model_dir, data = build_assets(work, args.hidden, args.layers, n_rows=2000)
-    steps = str(args.steps)
+
+def fresh_dir(path: Path) -> Path:
+    """An empty directory: the training stage would otherwise reuse a previous run's finished checkpoints
+    (same config and data) and measure nothing."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def run_synthetic(out: Path, steps: int, hidden: int, layers: int) -> dict:
+    """Every case on the random Llama; writes ``out/training/training.json``."""
+    work = fresh_dir((out / "training").resolve())
+    model_dir, data = build_model(work, hidden, layers), build_rows(work, n_rows=2000)
     runs = {
         "matmul_peak": _run_case(["peak"]),
-        "pipeline": _run_case(["pipeline", str(model_dir), str(data), str(work / "pipeline"), steps, "0"]),
-        "plain_trl": _run_case(["plain", str(model_dir), str(data), str(work / "plain"), steps]),
-        "pipeline_packed": _run_case(["pipeline", str(model_dir), str(data), str(work / "packed"), steps, "1"]),
-        "pipeline_grouped": _run_case(["pipeline", str(model_dir), str(data), str(work / "grouped"), steps,
+        "pipeline": _run_case(["pipeline", str(model_dir), str(data), str(work / "pipeline"), str(steps), "0"]),
+        "plain_trl": _run_case(["plain", str(model_dir), str(data), str(work / "plain"), str(steps)]),
+        "pipeline_packed": _run_case(["pipeline", str(model_dir), str(data), str(work / "packed"), str(steps), "1"]),
+        "pipeline_grouped": _run_case(["pipeline", str(model_dir), str(data), str(work / "grouped"), str(steps),
                                        "grouped"]),
         "memory_4bit": _run_case(["memory", str(model_dir), "1"]),
         "memory_fp32": _run_case(["memory", str(model_dir), "0"]),
@@ -244,7 +259,7 @@ def main() -> None:
         flops_per_token = 4 * run["n_params"] + 6 * run["lora_params"]
         return round(flops_per_token * run["tokens_per_second"] / 1e9 / runs["matmul_peak"]["gflops"], 4)
     results = {
-        "model": {"hidden": args.hidden, "layers": args.layers, "params": pipeline["n_params"], "steps": args.steps,
+        "model": {"hidden": hidden, "layers": layers, "params": pipeline["n_params"], "steps": steps,
                   "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH},
         "runs": runs,
         "pipeline_over_plain_trl_tokens_per_second": round(
@@ -260,7 +275,29 @@ def main() -> None:
                     "model_flop_utilisation": ">= 0.60", "packed_over_unpacked_effective_tokens_per_second": ">= 1.5"},
     }
     (work / "training.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("synthetic", "smollm2", "both"), default="both",
+                        help="the random Llama, SmolLM2-135M-Instruct (benchmarks/training_real.py), or both")
+    parser.add_argument("--steps", type=int, default=30, help="steps per case on the random Llama")
+    parser.add_argument("--real-steps", type=int, default=12, help="steps per case on SmolLM2")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
+    parser.add_argument("--_case", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._case:
+        _case_main(args._case[0], args._case[1:])
+        return
+    if args.model in ("synthetic", "both"):
+        print(json.dumps(run_synthetic(args.out, args.steps, args.hidden, args.layers), indent=2))
+    if args.model in ("smollm2", "both"):
+        from benchmarks.training_real import run_smollm2
+
+        print(json.dumps(run_smollm2(args.out, args.real_steps), indent=2))
 
 
 if __name__ == "__main__":
