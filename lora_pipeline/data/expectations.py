@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.config import DataConfig
+from lora_pipeline.data.gx_results import LINE_COLUMN, PARTIAL_UNEXPECTED_ROWS, RowCounts, between
 
 #: Generous ceiling on characters per token (BPE tokenizers average ~4 on English prose).
 CHARS_PER_TOKEN_CEILING = 8
@@ -40,12 +40,9 @@ CHARS_PER_TOKEN_CEILING = 8
 LENGTH_MOSTLY = 0.9
 #: Smallest chat sample: one user turn and one assistant turn.
 MIN_TURNS = 2
-#: Offending rows GX returns per failed expectation (only the first few reach the failure messages).
-PARTIAL_UNEXPECTED_ROWS = 20
 SUITE_NAME = "clean_rows"
 RESULT_FILENAME = "gx_validation_result.json"
 DATA_DOCS_DIRNAME = "data_docs"
-LINE_COLUMN = "line"
 HASH_COLUMN = "content_hash"
 RESULT_FORMAT = {"result_format": "SUMMARY", "unexpected_index_column_names": [LINE_COLUMN],
                  "partial_unexpected_count": PARTIAL_UNEXPECTED_ROWS}
@@ -194,86 +191,6 @@ def _describe(result: Any) -> FailedExpectation:
     return FailedExpectation(f"{config.type}({args})", observed, lines)
 
 
-class _RowCounts:
-    """One row-by-row expectation's result, summed over chunks (or partitions)."""
-
-    def __init__(self, result: Any, ordered_by_line: bool = True) -> None:
-        self.first = result  # the first chunk's ExpectationValidationResult (its config and result keys)
-        self.ordered_by_line = ordered_by_line
-        self.element_count = 0
-        self.unexpected_count = 0
-        self.missing_count: int | None = 0 if "missing_count" in (result.result or {}) else None
-        self.unexpected: list[tuple[Any, Any]] = []  # (index entry, value) of the first offending rows
-        self.exception: Any = None
-
-    def add(self, result: Any) -> None:
-        if result.exception_info and result.exception_info.get("raised_exception"):
-            self.exception = self.exception or result
-            return
-        details = result.result or {}
-        self.element_count += details.get("element_count") or 0
-        self.unexpected_count += details.get("unexpected_count") or 0
-        if self.missing_count is not None:
-            self.missing_count += details.get("missing_count") or 0
-        pairs = list(zip(details.get("partial_unexpected_index_list") or [],
-                         details.get("partial_unexpected_list") or [], strict=False))
-        if self.ordered_by_line:
-            if len(self.unexpected) < PARTIAL_UNEXPECTED_ROWS:
-                self.unexpected += pairs[: PARTIAL_UNEXPECTED_ROWS - len(self.unexpected)]
-        else:  # partitions: keep the first offending rows by source line
-            self.unexpected = sorted(self.unexpected + pairs, key=lambda pair: pair[0][LINE_COLUMN])
-            del self.unexpected[PARTIAL_UNEXPECTED_ROWS:]
-
-    def finish(self) -> Any:
-        """The result a single GX run over all the rows gives (GX's own formulas and keys, SUMMARY format)."""
-        result = self.first
-        if self.exception is not None:
-            result.success, result.result, result.exception_info = False, {}, self.exception.exception_info
-            return result
-        kwargs = result.expectation_config.kwargs
-        mostly = kwargs.get("mostly") if kwargs.get("mostly") is not None else 1.0
-        total, unexpected = self.element_count, self.unexpected_count
-        nonnull = None if self.missing_count is None else total - self.missing_count
-        if self.missing_count is None:  # expect_column_values_to_not_be_null: nulls are what it counts
-            success = total == 0 or (total - unexpected) / total >= mostly
-        else:
-            success = total == 0 or nonnull == 0 or (float(nonnull) - float(unexpected)) / float(nonnull) >= mostly
-        values = [value for _, value in self.unexpected]
-        details: dict[str, Any] = {"element_count": total, "unexpected_count": unexpected}
-        percent_total = unexpected / total * 100 if total > 0 else None
-        if nonnull is None:
-            details["unexpected_percent"] = percent_total
-        else:
-            details["unexpected_percent"] = (unexpected / nonnull * 100 if nonnull > 0 else None) if total > 0 else None
-        details["partial_unexpected_list"] = values
-        details["unexpected_index_column_names"] = [LINE_COLUMN]
-        if nonnull is not None:
-            details["missing_count"] = self.missing_count
-            details["missing_percent"] = self.missing_count / total * 100 if total > 0 else None
-            details["unexpected_percent_total"] = percent_total
-            details["unexpected_percent_nonmissing"] = details["unexpected_percent"]
-        hashable = [tuple(value.values()) if isinstance(value, dict) else value for value in values]
-        try:
-            details["partial_unexpected_counts"] = [
-                {"value": value, "count": count} for value, count in sorted(
-                    Counter(hashable).most_common(PARTIAL_UNEXPECTED_ROWS), key=lambda item: (-item[1], item[0]))]
-        except TypeError:
-            pass  # what GX does with unhashable values: no counts
-        details["partial_unexpected_index_list"] = [entry for entry, _ in self.unexpected]
-        result.success, result.result = bool(success), details
-        return result
-
-
-def _between(value: Any, kwargs: dict[str, Any]) -> bool:
-    """``min_value <= value <= max_value`` as the *_to_be_between expectations judge an observed value."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    low, high = kwargs.get("min_value"), kwargs.get("max_value")
-    low_ok = low is None or (value > low if kwargs.get("strict_min") else value >= low)
-    high_ok = high is None or (value < high if kwargs.get("strict_max") else value <= high)
-    return bool(low_ok and high_ok)
-
-
 class SuiteRun:
     """Validate the clean table chunk by chunk and aggregate into one GX result and one Data Docs page.
 
@@ -307,7 +224,7 @@ class SuiteRun:
         self.n_rows = 0
         self.n_chunks = 0
         self._order: list[str] = []  # expectation ids in GX's result order (from the first chunk)
-        self._results: dict[str, Any] = {}  # id -> _RowCounts, or the first chunk's result (table-level)
+        self._results: dict[str, Any] = {}  # id -> RowCounts, or the first chunk's result (table-level)
         self._last: Any = None  # the last chunk's suite result: the envelope (meta, batch id) of the aggregate
         self._spill_path = out_dir / _SPILL_FILENAME
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +241,7 @@ class SuiteRun:
             kind = result.expectation_config.type
             if not self.n_chunks:
                 self._order.append(key)
-                self._results[key] = _RowCounts(result) if kind in _ROW_EXPECTATIONS else result
+                self._results[key] = RowCounts(result) if kind in _ROW_EXPECTATIONS else result
             if kind in _ROW_EXPECTATIONS:
                 self._results[key].add(result)
             elif kind == "expect_table_columns_to_match_set" and not result.success \
@@ -351,7 +268,7 @@ class SuiteRun:
         self._spill.close()
         expectation = next(e for e in self.suite.expectations if e.id == result.expectation_config.id)
         partitions = max(1, math.ceil(self.n_rows / UNIQUE_PARTITION_ROWS))
-        counts = _RowCounts(result, ordered_by_line=False)
+        counts = RowCounts(result, ordered_by_line=False)
         for partition in range(partitions):
             lines, hashes = [], []
             with self._spill_path.open("rb") as spill:
@@ -390,9 +307,9 @@ class SuiteRun:
         results = []
         for key in self._order:
             entry = self._results[key]
-            kind = entry.first.expectation_config.type if isinstance(entry, _RowCounts) \
+            kind = entry.first.expectation_config.type if isinstance(entry, RowCounts) \
                 else entry.expectation_config.type
-            if isinstance(entry, _RowCounts):
+            if isinstance(entry, RowCounts):
                 results.append(entry.finish())
             elif kind == "expect_column_values_to_be_unique":
                 results.append(self._unique(entry))
@@ -400,7 +317,7 @@ class SuiteRun:
                 kwargs = entry.expectation_config.kwargs
                 metric = metrics[kind]
                 value = metric(kwargs.get("column")) if callable(metric) else metric
-                entry.success, entry.result = _between(value, kwargs), {"observed_value": value}
+                entry.success, entry.result = between(value, kwargs), {"observed_value": value}
                 entry.exception_info = {"raised_exception": False, "exception_traceback": None,
                                         "exception_message": None}
                 results.append(entry)
