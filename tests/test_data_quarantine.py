@@ -220,3 +220,22 @@ def test_gx_suite_catches_rows_the_cleaning_rules_should_have_removed(tmp_path):
         "expect_column_values_to_be_in_set(column=roles_alternate, value_set=[True])": [12],
     }
     assert outcome.result_path.is_file() and (outcome.data_docs_dir / "index.html").is_file()
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_a_lone_surrogate_escape_is_quarantined_as_unparseable(tmp_path, suffix):
+    """``"\\ud800"`` is valid JSON but no UTF-8 text can hold it: the row is quarantined, the rest are kept
+    (a surrogate *pair*, an emoji written as two escapes, is ordinary text)."""
+    emoji = chat("send a smile", "here it is: \\ud83d\\ude00")
+    lone = chat("broken", "half a character: \\ud800 here")
+    rows = [json.dumps(row) for row in GOOD[:5]]
+    rows[2:2] = [json.dumps(lone).replace("\\\\ud800", "\\ud800"),
+                 json.dumps(emoji).replace("\\\\ud83d\\\\ude00", "\\ud83d\\ude00")]
+    source = tmp_path / f"train.{suffix}"
+    source.write_text("\n".join(rows) + "\n" if suffix == "jsonl" else "[" + ",\n".join(rows) + "]")
+    result = validate_dataset(cfg(), source, tmp_path / "out")
+    quarantined = read_jsonl(result.quarantine_path)
+    assert [(row["line"], row["reasons"]) for row in quarantined] == [(3, ["unparseable"])]
+    assert "\\ud800" in json.dumps(quarantined[0]["record"])  # kept as it was written, not lost
+    assert result.n_clean == 6
+    assert "\U0001F600" in result.clean_path.read_text(encoding="utf-8")

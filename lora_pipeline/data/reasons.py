@@ -8,7 +8,8 @@ from __future__ import annotations
 
 #: Every reason a source row can be quarantined for, in the order they are listed on a row.
 REASONS: dict[str, str] = {
-    "unparseable": "The line is not valid JSON (or not valid UTF-8); the raw text is kept as the record.",
+    "unparseable": "The line is not valid JSON (or not valid UTF-8), or a text in it is a lone UTF-16 surrogate "
+    "escape such as \\ud800 (valid JSON that no UTF-8 text can hold); the raw text is kept as the record.",
     "missing_field": "A field the format requires is absent or null (e.g. alpaca 'output', a turn's 'content').",
     "wrong_type": "A value has the wrong type: the row is not an object, a list/object/number stands where "
     "text is expected, or a turn list is not a list.",

@@ -9,6 +9,7 @@ Heavy libraries are imported where they are used so that reading a JSONL eval se
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,12 +152,31 @@ def _read_jsonl(src: DataSource) -> Iterator[SourceRow]:
             except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
                 yield SourceRow(line_no, text.rstrip("\r\n"), unparseable=True)
                 continue
+            if _SURROGATE_ESCAPE.search(text) and _holds_lone_surrogate(record):
+                yield SourceRow(line_no, text.rstrip("\r\n"), unparseable=True)
+                continue
             yield SourceRow(line_no, record)
+
+
+#: A JSON escape of a UTF-16 surrogate: only such an escape can put one into a parsed string.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _holds_lone_surrogate(record: Any) -> bool:
+    """Whether a parsed row holds a lone surrogate (``"\\ud800"`` is valid JSON, but no UTF-8 text can hold
+    it: it would fail every later step that writes or tokenizes the row). A surrogate pair escaped as two
+    ``\\u`` escapes is decoded by ``json.loads`` into one ordinary character."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _read_json(src: DataSource) -> Iterator[SourceRow]:
     try:
-        document = json.loads(src.path.read_text(encoding="utf-8-sig"))  # type: ignore[union-attr]
+        text = src.path.read_text(encoding="utf-8-sig")  # type: ignore[union-attr]
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             # Several documents: JSON Lines saved with a .json name (common). Read it as JSONL; its
@@ -170,7 +190,11 @@ def _read_json(src: DataSource) -> Iterator[SourceRow]:
         document = document["data"]
     if not isinstance(document, list):
         raise DataError(f"{src.name}: a .json data file must hold a list of rows or {{\"data\": [...]}}")
+    escapes = _SURROGATE_ESCAPE.search(text)
     for index, record in enumerate(document, start=1):
+        if escapes and _holds_lone_surrogate(record):
+            yield SourceRow(index, json.dumps(record), unparseable=True)  # ASCII: the escape kept as written
+            continue
         yield SourceRow(index, record)
 
 
@@ -194,9 +218,14 @@ def _read_csv(src: DataSource) -> Iterator[SourceRow]:
         for chunk in chunks:
             for record in chunk.to_dict(orient="records"):
                 index += 1
+                escaped = False
                 for column in CSV_JSON_COLUMNS:
                     if isinstance(record.get(column), str):
+                        escaped = escaped or bool(_SURROGATE_ESCAPE.search(record[column]))
                         record[column] = _decode_csv_cell(record[column])
+                if escaped and _holds_lone_surrogate(record):
+                    yield SourceRow(index, json.dumps(record), unparseable=True)
+                    continue
                 yield SourceRow(index, record)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{src.name}: cannot parse CSV: {exc}") from exc
