@@ -60,7 +60,7 @@ def evaluate_version(model_name: str, version: str, config_path: str | None = No
             validate_data(cfg, str(run_dir))
         label = f"v{version}"
         with summary.stage("evaluate"):
-            results = {BASE: evaluate(cfg, str(run_dir), BASE)}
+            results = {BASE: evaluate(cfg, str(run_dir), BASE)["metrics"]}
             results[label] = evaluate_registered(cfg, str(run_dir), mlflow_run, version, label)
             champion = alias_version(mlflow_run, model_name, "champion")
             if champion is not None:

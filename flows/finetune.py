@@ -14,6 +14,7 @@ from lora_pipeline.reports import gate_rejected_notice, run_failed_notice
 from lora_pipeline.stages import registration_store
 from lora_pipeline.summary import RunSummary, code_version, final_metrics, lineage_tags, run_dir_for
 from lora_pipeline.redaction import mask_secrets, redact_exception
+from lora_pipeline.reuse import EXECUTION
 from lora_pipeline.tracking import TrackingRun
 from tasks.assets import resolve_assets
 from tasks.data import format_prompts, validate_data
@@ -57,6 +58,8 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
        10. apply_aliases   - a passing version becomes `candidate` (and `champion` with
                              registry.auto_promote; the old champion becomes `previous`)
         Steps 5-10 hold the model's concurrency slot (``model-<registry.model_name>``, one run at a time).
+        Steps 3-8 reuse an earlier run's outputs when their inputs are the same, by content
+        (:mod:`lora_pipeline.reuse`): an identical re-run computes nothing and registers no new version.
 
     Args:
         config_path: YAML config under the worker's config roots (the repository's ``configs/``);
@@ -89,10 +92,12 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
             try:
                 data = validate_data(cfg, str(run_dir))
                 summary.results["data"] = data
+                summary.note(data)
             finally:  # a failed validation is exactly when its report is needed in MLflow
                 log_data_report(mlflow_run, str(run_dir / "data"))
         with summary.stage("format_prompts"):
             formatted = format_prompts(cfg, data["clean_path"], str(run_dir))
+            summary.note(formatted)
         run_key = cfg.run_key(data["data_hash"], assets.base_fingerprint)
         summary.results["run_key"] = run_key
         # One run per model from training to aliases: two runs of one model never train or register at once.
@@ -100,18 +105,23 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
             with summary.stage("train_qlora"):
                 trained = train_qlora(cfg, formatted["tokenized_path"], str(run_dir), run_key, mlflow_run)
                 summary.results["train"] = trained["metrics"]
+                summary.note(trained)
             with summary.stage("evaluate"):
-                results = {BASE: evaluate(cfg, str(run_dir), BASE)}  # first: its answers may be the references
+                scored = {BASE: evaluate(cfg, str(run_dir), BASE)}  # first: its answers may be the references
                 if cfg.eval.full_precision_base and cfg.quant.quantizes:
-                    results[FULL_PRECISION_BASE] = evaluate(cfg, str(run_dir), FULL_PRECISION_BASE)
-                results[CANDIDATE] = evaluate(cfg, str(run_dir), CANDIDATE, trained["adapter_dir"])
+                    scored[FULL_PRECISION_BASE] = evaluate(cfg, str(run_dir), FULL_PRECISION_BASE)
+                scored[CANDIDATE] = evaluate(cfg, str(run_dir), CANDIDATE, trained["adapter_dir"])
                 champion = evaluate_champion(cfg, str(run_dir), mlflow_run, run_key, assets.base_fingerprint)
-                summary.results["champion"] = {k: v for k, v in (champion or {}).items() if k != "metrics"}
+                for label, result in {**scored, CHAMPION: champion}.items():
+                    summary.note(result, f"evaluate-{label}")
+                results = {label: result["metrics"] for label, result in scored.items()}
+                summary.results["champion"] = {k: v for k, v in (champion or {}).items()
+                                               if k not in ("metrics", EXECUTION)}
                 if champion and champion["metrics"]:
                     results[CHAMPION] = champion["metrics"]
                 summary.results["eval"] = results
                 summary.results["eval_suites"] = describe_suites(cfg, run_dir)
-                summary.results["comparison"] = compare_models(str(run_dir), results)
+                summary.results["comparison"] = compare_models(str(run_dir), results, str(cfg.output_dir))
             with summary.stage("gate"):
                 task_metric = resolve_task_metric(cfg.gate, cfg.data.format)
                 decision = gate_candidate(results[BASE], results[CANDIDATE], cfg.gate,
@@ -130,6 +140,7 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
             if store == "merged":
                 with summary.stage("merge"):
                     summary.results["merge"] = merge(cfg, trained["adapter_dir"], str(run_dir))
+                    summary.note(summary.results["merge"])
                     merged_dir = summary.results["merge"]["merged_dir"]
             else:
                 summary.skip("merge", "registered as adapter + base reference (gate failed or registry.store=adapter)")
@@ -146,7 +157,8 @@ def finetune(config_path: str | None = None, overrides: RunOverrides | None = No
                 summary.results["registry"] = apply_aliases(cfg, mlflow_run, registered["version"],
                                                             decision.passed)
         log_results(mlflow_run, final_metrics(summary.results), {"gate_passed": str(decision.passed),
-                    "gate_reasons": lineage["gate_reasons"]}, str(run_dir / "eval"))
+                    "gate_reasons": lineage["gate_reasons"], "reused_stages": ", ".join(summary.cached_stages())},
+                    str(run_dir / "eval"))
         summary.status = "completed"
         return summary.to_dict()
     except Exception as exc:

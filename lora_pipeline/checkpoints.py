@@ -10,7 +10,6 @@ the reason in their new name, and a warning says so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,26 +22,19 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lora_pipeline.base_model import file_sha256
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "pipeline-checkpoint-manifest.json"
 SET_ASIDE_DIRNAME = "set-aside"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_HASH_CHUNK = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(checkpoint_dir: Path) -> Path:
     """Record every file of a finished checkpoint (size + SHA-256); atomic: temp file, then rename."""
     files = sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-    manifest = {str(p.relative_to(checkpoint_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {str(p.relative_to(checkpoint_dir)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     target = checkpoint_dir / MANIFEST_NAME
     tmp = checkpoint_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps({"files": manifest}, indent=1))
@@ -63,7 +55,7 @@ def checkpoint_problem(checkpoint_dir: Path) -> str | None:
         path = checkpoint_dir / name
         if not path.is_file():
             return "missing-file"
-        if path.stat().st_size != expected["bytes"] or _sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
             return "corrupt-file"
     return None
 

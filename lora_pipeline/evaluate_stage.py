@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,14 @@ BASE, FULL_PRECISION_BASE, CANDIDATE, CHAMPION = "base", "base_full_precision", 
 _COST_METRICS = ("task_exact_match", "task_perplexity", "regression_exact_match", "regression_perplexity")
 
 
-def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path | None = None) -> dict[str, float]:
+def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path | None = None,
+             timings: dict[str, float] | None = None) -> dict[str, float]:
     """Score one model of this run under ``label`` and return its metrics.
 
     ``base``: the base quantised as for training (``quant``); ``base_full_precision``: the base
     without quantisation; ``candidate``: the quantised base + ``adapter_dir``, exactly as trained.
     With ``eval.regression_qa_path: base_answers`` the ``base`` must be scored first: its answers
-    become the regression references.
+    become the regression references. ``timings`` receives ``compute_seconds`` (see :func:`score`).
     """
     from peft import PeftModel  # local: only the candidate path needs it
 
@@ -48,16 +50,21 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path |
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
     stops = model_stop_ids(cfg.model.name_or_path, cfg.model.revision, tokenizer)
-    return score(cfg, model, tokenizer, stops, run_dir, label)
+    return score(cfg, model, tokenizer, stops, run_dir, label, timings)
 
 
 def score(cfg: PipelineConfig, model: Any, tokenizer: Any, stop_ids: list[int], run_dir: Path,
-          label: str) -> dict[str, float]:
-    """Every suite of this run on ``model``; writes ``eval/<label>.json`` and its generations."""
+          label: str, timings: dict[str, float] | None = None) -> dict[str, float]:
+    """Every suite of this run on ``model``; writes ``eval/<label>.json`` and its generations.
+
+    ``timings``, when given, receives ``compute_seconds``: generation and scoring only (not loading the
+    model or the suites, not writing the metrics), added to what it holds.
+    """
     notes: list[str] = []
     suites = load_eval_suites(cfg, run_dir, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
                               notes=notes)
     base_answers = None
+    started = time.perf_counter()
     if label == BASE and cfg.eval.regression_qa_path == BASE_ANSWERS and suites.regression_qa \
             and not references_path(run_dir).is_file():
         # No references yet: the base's own greedy answers become them (base = 1.0 by construction).
@@ -69,6 +76,8 @@ def score(cfg: PipelineConfig, model: Any, tokenizer: Any, stop_ids: list[int], 
         max_length=cfg.data.max_length, stop_ids=stop_ids, match=cfg.eval.match, regression_answers=base_answers,
         generations_path=run_dir / "eval" / f"{label}_generations.jsonl", skipped=notes,
     )
+    if timings is not None:
+        timings["compute_seconds"] = timings.get("compute_seconds", 0.0) + time.perf_counter() - started
     write_metrics(metrics, run_dir / "eval" / f"{label}.json")
     for note in notes:
         logger.warning("%s: %s", label, note)
@@ -97,7 +106,7 @@ def describe_suites(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
 
 
 def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run_key: str,
-                      base_fingerprint: str) -> dict[str, Any] | None:
+                      base_fingerprint: str, timings: dict[str, float] | None = None) -> dict[str, Any] | None:
     """Score the registered ``champion`` on this run's suites, with the same function as the candidate.
 
     A champion trained on the same base (its ``base_fingerprint`` tag) is scored as its adapter on
@@ -131,9 +140,9 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
             model = PeftModel.from_pretrained(base, str(adapter)).eval()
             stops = model_stop_ids(cfg.model.name_or_path, cfg.model.revision, tokenizer)
             scored_as = "its adapter on this run's quantised base"
-            metrics = score(cfg, model, tokenizer, stops, run_dir, CHAMPION)
+            metrics = score(cfg, model, tokenizer, stops, run_dir, CHAMPION, timings)
         else:
-            metrics = evaluate_registered(cfg, run_dir, tracking_uri, version, CHAMPION)
+            metrics = evaluate_registered(cfg, run_dir, tracking_uri, version, CHAMPION, timings)
             scored_as = "as registered (trained on another base)"
     finally:  # a model copy; the registry keeps the original
         shutil.rmtree(download, ignore_errors=True)
@@ -141,7 +150,7 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
 
 
 def evaluate_registered(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, version: str,
-                        label: str) -> dict[str, float]:
+                        label: str, timings: dict[str, float] | None = None) -> dict[str, float]:
     """Score ``version`` of ``registry.model_name`` as it was registered (the merged model, or its adapter on
     its base: what serving loads), with its registered stop set, under ``label``."""
     from lora_pipeline.loading import load_registered_model
@@ -152,7 +161,7 @@ def evaluate_registered(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, v
         loaded = load_registered_model(f"models:/{cfg.registry.model_name}/{version}", tracking_uri,
                                        dst_dir=download, trust_remote_code=cfg.model.trust_remote_code)
         stops = stop_token_ids(loaded.tokenizer, loaded.model.generation_config.eos_token_id)
-        return score(cfg, loaded.model, loaded.tokenizer, stops, run_dir, label)
+        return score(cfg, loaded.model, loaded.tokenizer, stops, run_dir, label, timings)
     finally:  # a model copy; the registry keeps the original
         shutil.rmtree(download, ignore_errors=True)
 

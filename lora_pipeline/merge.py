@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ class MergeReport:
     quantized_rel_diff: float  # merged vs the 4-bit base + adapter that was trained and evaluated
     n_prompts: int
     dequantized: bool
+    #: The merge's math: de-quantising the base, the three parity forward passes and merge_and_unload (not
+    #: loading the models or saving the merged one).
+    math_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -75,15 +79,17 @@ def relative_diff(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((actual - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
 
 
-def _dequantized_base(cfg: PipelineConfig, device: torch.device) -> tuple[Any, bool]:
+def _dequantized_base(cfg: PipelineConfig, device: torch.device) -> tuple[Any, bool, float]:
+    """The base de-quantised to the compute dtype, whether it was quantised, and the seconds de-quantising took."""
     quantized = cfg.quant.quantizes
     model = load_base_model(cfg.model, cfg.quant, device)
+    started = time.perf_counter()
     if quantized:
         # The same quantised weights the adapter was trained against, de-quantised to the compute dtype.
         # Always a fresh load: bitsandbytes 0.50's CPU kernel repacks 4-bit weights on their first forward
         # pass, after which dequantize() returns wrong weights (relative logit difference 1.35 on SmolLM2).
         model = model.dequantize()
-    return model, quantized
+    return model, quantized, time.perf_counter() - started
 
 
 def merge_adapter(
@@ -109,19 +115,24 @@ def merge_adapter(
     device = detect_device()
     tokenizer = load_tokenizer(cfg.model, adapter_dir)
     evaluated = PeftModel.from_pretrained(load_base_model(cfg.model, cfg.quant, device), str(adapter_dir))
+    started = time.perf_counter()
     evaluated_logits = _prompt_logits(evaluated.eval(), prompts)
+    math_seconds = time.perf_counter() - started
     del evaluated
-    base, dequantized = _dequantized_base(cfg, device)
+    base, dequantized, dequantize_seconds = _dequantized_base(cfg, device)
     unmerged = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    started = time.perf_counter()
     unmerged_logits = _prompt_logits(unmerged, prompts)
     merged = merge_lora(unmerged)
     merged_logits = _prompt_logits(merged.eval(), prompts)
+    math_seconds += dequantize_seconds + time.perf_counter() - started
     report = MergeReport(
         merged_dir=out_dir,
         merge_rel_diff=relative_diff(merged_logits, unmerged_logits),
         quantized_rel_diff=relative_diff(merged_logits, evaluated_logits),
         n_prompts=len(prompts),
         dequantized=dequantized,
+        math_seconds=round(math_seconds, 3),
     )
     for name, value, limit in (("merge.parity_tolerance", report.merge_rel_diff, cfg.merge.parity_tolerance),
                                ("merge.quantized_parity_tolerance", report.quantized_rel_diff,

@@ -1,7 +1,11 @@
 """Stage entry points: one function per pipeline stage, each taking the resolved config and paths.
 
 Prefect tasks wrap exactly one of these; they exchange paths, hashes and small metric dicts, never
-models or datasets, so every stage can be retried or re-run alone.
+models or datasets, so every stage can be retried or re-run alone. The stages that compute (validate,
+format, train, evaluate, merge) first look for a record of the same inputs left by an earlier run
+(:mod:`lora_pipeline.reuse`, keyed by :mod:`lora_pipeline.stage_inputs`) and take their outputs from it;
+each of their results says how it was obtained under ``execution`` (its math seconds, or the run it was
+reused from).
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_pipeline.base_model import base_fingerprint, convert_gguf, is_gguf_file, model_stop_ids
+from lora_pipeline.base_model import convert_gguf, is_gguf_file, model_stop_ids
 from lora_pipeline.chat_templates import turn_markers
 from lora_pipeline.config import AUTO, BASE_ANSWERS, BUILTIN_DEMO, PipelineConfig, RegistryConfig
 from lora_pipeline.data import ValidationResult, validate_dataset
 from lora_pipeline.demo_world import ensure_demo_world
 from lora_pipeline.formatting import check_tokenizer, format_dataset
 from lora_pipeline.merge import merge_adapter
+from lora_pipeline import stage_inputs
 from lora_pipeline.modeling import load_tokenizer
+from lora_pipeline.reuse import EXECUTION, execution, reused_or_computed
 from lora_pipeline.suites import GENERAL_PROMPTS, GENERAL_TEXT, load_eval_suites, sample_prompts
 from lora_pipeline.training import LOSS_CURVE_FILENAME, train_qlora
 
@@ -66,7 +72,7 @@ def resolve_assets(cfg: PipelineConfig) -> ResolvedAssets:
         "data": cfg.data.model_copy(update={"path": data_path, "eval_path": eval_path}),
         "eval": cfg.eval.model_copy(update={"regression_qa_path": qa, "regression_text_path": text}),
     })
-    return ResolvedAssets(resolved, base_fingerprint(model_path, cfg.model.revision))
+    return ResolvedAssets(resolved, stage_inputs.fingerprint(model_path, cfg.model.revision))
 
 
 def local_base_path(name_or_path: str, cfg: PipelineConfig) -> str:
@@ -132,20 +138,25 @@ def check_data(cfg: PipelineConfig, out_dir: Path) -> ValidationResult:
 
 def validate_data(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     """The flow's data stage: :func:`check_data` under ``run_dir/data``; stops the run if it fails."""
-    result = check_data(cfg, run_dir / "data")
-    if not result.success:
-        raise StageError("data validation failed:\n  " + "\n  ".join(result.failures)
-                         + f"\nreport: {result.report_path}\nquarantine: {result.quarantine_path}")
-    return {
-        "clean_path": str(result.clean_path),
-        "data_hash": result.data_hash,
-        "n_input": result.n_input,
-        "n_clean": result.n_clean,
-        "n_quarantined": result.n_quarantined,
-        "reason_counts": result.reason_counts,
-        "report_path": str(result.report_path),
-        "n_held_out": result.n_held_out,
-    }
+    def compute() -> dict[str, Any]:
+        result = check_data(cfg, run_dir / "data")
+        if not result.success:
+            raise StageError("data validation failed:\n  " + "\n  ".join(result.failures)
+                             + f"\nreport: {result.report_path}\nquarantine: {result.quarantine_path}")
+        return {
+            "clean_path": str(result.clean_path),
+            "data_hash": result.data_hash,
+            "n_input": result.n_input,
+            "n_clean": result.n_clean,
+            "n_quarantined": result.n_quarantined,
+            "reason_counts": result.reason_counts,
+            "report_path": str(result.report_path),
+            "n_held_out": result.n_held_out,
+            EXECUTION: execution(),  # no math: cleaning, token checks and Great Expectations
+        }
+
+    return reused_or_computed(cfg.output_dir, "validate_data", stage_inputs.validate_inputs(cfg), run_dir, compute,
+                              [run_dir / "data"])
 
 
 #: What of the data stage's output goes to MLflow: the evidence, not the (possibly large) clean rows.
@@ -168,6 +179,11 @@ def log_data_artifacts(run: TrackingRun, data_dir: Path) -> list[str]:
 
 def format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict[str, Any]:
     """Apply the chat template, mask non-assistant tokens and prove every answer ends in a trained stop token."""
+    return reused_or_computed(cfg.output_dir, "format_prompts", stage_inputs.format_inputs(cfg, clean_path), run_dir,
+                              lambda: _format_prompts(cfg, clean_path, run_dir), [run_dir / "formatted"])
+
+
+def _format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     out_dir = run_dir / "formatted"
     report = format_dataset(tokenizer, clean_path, out_dir / "tokenized.jsonl", cfg.data.max_length,
@@ -181,7 +197,8 @@ def format_prompts(cfg: PipelineConfig, clean_path: Path, run_dir: Path) -> dict
         )
     # The flow passes small dicts: the full list of rejected lines stays in format_report.json.
     summary = {k: v for k, v in report.to_dict().items() if k != "rejected_lines"}
-    return {"tokenized_path": str(out_dir / "tokenized.jsonl"), "n_rejected": len(report.rejected_lines), **summary}
+    return {"tokenized_path": str(out_dir / "tokenized.jsonl"), "n_rejected": len(report.rejected_lines), **summary,
+            EXECUTION: execution()}
 
 
 def apply_aliases(cfg: PipelineConfig, tracking_uri: str, version: str, gate_passed: bool) -> dict[str, Any]:
@@ -203,13 +220,33 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
           run: TrackingRun | None = None) -> dict[str, Any]:
     """QLoRA-train the adapter; returns its directory and the training metrics.
 
-    Checkpoints live in ``output_dir/checkpoints/<run_key>``: a Prefect retry, or a new run of the same
-    config on the same data, resumes from the last intact one; any change of either starts afresh. Two
-    runs of one run key at once are serialised by a lock beside that directory.
+    A record of the same training (same run key and tokenized samples, see
+    :func:`lora_pipeline.stage_inputs.train_inputs`) gives the adapter back without loading a model; its
+    metrics then say this session trained nothing (``resumed_from_step`` = ``global_step``, 0 seconds).
+    Otherwise checkpoints live in ``output_dir/checkpoints/<run_key>``: a Prefect retry, or a new run of
+    the same config on the same data, resumes from the last intact one; any change of either starts afresh.
+    Two runs of one run key at once are serialised by a lock beside that directory.
     ``train.num_processes > 1`` or ``train.num_machines > 1`` launches the ranks with torchrun (see
     :mod:`lora_pipeline.distributed`);
     per-step metrics go to the MLflow ``run`` (from rank 0 only).
     """
+    from lora_pipeline import tracking
+
+    curve = run_dir / "train" / LOSS_CURVE_FILENAME
+    trained = reused_or_computed(cfg.output_dir, "train_qlora", stage_inputs.train_inputs(cfg, tokenized_path, run_key),
+                                 run_dir, lambda: _train(cfg, tokenized_path, run_dir, run_key, run),
+                                 [run_dir / "adapter", curve])
+    if trained[EXECUTION]["reused_from"]:
+        done = trained["metrics"]["global_step"]
+        trained["metrics"] = {**trained["metrics"], "train_seconds": 0.0, "train_step_seconds": 0.0,
+                              "tokens_per_second": 0.0, "resumed_from_step": done}
+    if run and curve.is_file():
+        tracking.log_artifacts(run.tracking_uri, run.run_id, curve, "train")
+    return trained
+
+
+def _train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str,
+           run: TrackingRun | None) -> dict[str, Any]:
     from contextlib import nullcontext
     from functools import partial
 
@@ -227,10 +264,8 @@ def train(cfg: PipelineConfig, tokenized_path: Path, run_dir: Path, run_key: str
             sink = partial(tracking.log_step_metrics, run.tracking_uri, run.run_id) if run else None
             result = train_qlora(cfg, tokenized_path, run_dir, metrics_sink=sink, checkpoint_dir=checkpoint_dir)
             trained = {"adapter_dir": str(result.adapter_dir), "metrics": result.metrics}
-    curve = run_dir / "train" / LOSS_CURVE_FILENAME
-    if run and curve.is_file():
-        tracking.log_artifacts(run.tracking_uri, run.run_id, curve, "train")
-    return trained
+    # The loop's math: the optimizer steps (a run that found its training finished in checkpoints did none).
+    return {**trained, EXECUTION: execution(trained["metrics"].get("train_step_seconds", 0.0))}
 
 
 def merge(cfg: PipelineConfig, adapter_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -238,10 +273,14 @@ def merge(cfg: PipelineConfig, adapter_dir: Path, run_dir: Path) -> dict[str, An
 
     The merged model stops on the base's whole stop set (``generation_config.eos_token_id`` is a list).
     """
-    tokenizer = load_tokenizer(cfg.model, adapter_dir)
-    prompts = sample_prompts(tokenizer, load_eval_suites(cfg, run_dir), cfg.merge.parity_samples)
-    report = merge_adapter(cfg, adapter_dir, run_dir / "merged", prompts, stop_ids(cfg, tokenizer))
-    return report.to_dict()
+    def compute() -> dict[str, Any]:
+        tokenizer = load_tokenizer(cfg.model, adapter_dir)
+        prompts = sample_prompts(tokenizer, load_eval_suites(cfg, run_dir), cfg.merge.parity_samples)
+        report = merge_adapter(cfg, adapter_dir, run_dir / "merged", prompts, stop_ids(cfg, tokenizer))
+        return {**report.to_dict(), EXECUTION: execution(report.math_seconds)}
+
+    return reused_or_computed(cfg.output_dir, "merge", stage_inputs.merge_inputs(cfg, adapter_dir, run_dir), run_dir,
+                              compute, [run_dir / "merged"])
 
 
 def open_tracking(cfg: PipelineConfig, run_dir: Path, flow_run_id: str) -> TrackingRun:

@@ -1,4 +1,10 @@
-"""The run summary: each stage's status and duration plus the figures a person checks after a run."""
+"""The run summary: each stage's status and duration plus the figures a person checks after a run.
+
+A stage record: ``name``, ``status`` (``completed``, ``cached`` when every step of it was reused from an
+earlier run's record, ``failed``, ``skipped``), ``seconds`` (wall time) and, for the stages that compute,
+``compute_seconds`` (their math: training steps, generation and scoring, merge and parity logits) and
+``steps`` (how each step's result was obtained: its compute seconds, or the run it was reused from).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.redaction import mask_secrets
+from lora_pipeline.reuse import EXECUTION
 
 
 def run_dir_for(output_dir: Path, flow_run_id: str, started: datetime) -> Path:
@@ -36,6 +43,8 @@ class RunSummary:
     stages: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    #: When the flow began (Unix time): with the summary file's time, what the benchmarks split a run's wall time by.
+    started_at: float = field(default_factory=time.time)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -51,9 +60,30 @@ class RunSummary:
             self.error = mask_secrets(f"{name}: {type(exc).__name__}: {exc}")
             raise
         else:
-            record["status"] = "completed"
+            steps = record.get("steps", {})
+            reused = bool(steps) and all(step["reused_from"] for step in steps.values())
+            record["status"] = "cached" if reused else "completed"
         finally:
             record["seconds"] = round(time.perf_counter() - started, 2)
+
+    def note(self, result: Any, step: str | None = None) -> None:
+        """Inside :meth:`stage`: how one of its steps got its result (the ``execution`` the stages return).
+
+        Args:
+            result: A stage result; one without ``execution`` (None, a metric dict) is not a step.
+            step: Its name in the record (default: the stage's), e.g. ``evaluate-base``.
+        """
+        how = result.get(EXECUTION) if isinstance(result, dict) else None
+        running = next((stage for stage in reversed(self.stages) if stage["status"] == "running"), None)
+        if how is None or running is None:
+            return
+        steps = running.setdefault("steps", {})
+        steps[step or running["name"]] = how
+        running["compute_seconds"] = round(sum(s["compute_seconds"] for s in steps.values()), 3)
+
+    def cached_stages(self) -> list[str]:
+        """The stages whose every step was reused from an earlier run (status ``cached``)."""
+        return [stage["name"] for stage in self.stages if stage["status"] == "cached"]
 
     @property
     def failed_stage(self) -> str | None:
@@ -70,6 +100,7 @@ class RunSummary:
             "run_dir": self.run_dir,
             "status": self.status,
             "error": self.error,
+            "started_at": self.started_at,
             "stages": self.stages,
             **self.results,
         }

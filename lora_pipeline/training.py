@@ -156,18 +156,28 @@ def pack_rows(dataset: Dataset, max_length: int, seed: int) -> Dataset:
 
 
 class _MetricsCallback(TrainerCallback):
-    """Forwards the trainer's log dicts (loss, learning rate, grad norm) to a sink, on rank 0 only."""
+    """Forwards the trainer's log dicts (loss, learning rate, grad norm) to a sink, on rank 0 only, and
+    times the optimizer steps themselves (``step_seconds``: forward, backward and update, from each step's
+    begin to its end; the loop's logging, checkpoint saves and batch fetching lie between steps)."""
 
     def __init__(self, sink: MetricsSink | None) -> None:
         self.sink = sink
         self.sink_failures = 0
         self.history: list[dict[str, float]] = []
         self._started: tuple[float, int] | None = None  # (time, step) when this session began
+        self.step_seconds = 0.0
+        self._step_began: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._started = None
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_began = time.perf_counter()
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._step_began is not None:
+            self.step_seconds += time.perf_counter() - self._step_began
+            self._step_began = None
         if self._started is None:  # first step of this session (after a resume, not step 1)
             self._started = (time.perf_counter(), state.global_step)
 
@@ -377,6 +387,7 @@ def train_qlora(
         "final_loss": float(losses[-1]) if losses else float(train_loss),
         "global_step": float(global_step),
         "train_seconds": round(seconds, 2),
+        "train_step_seconds": round(callback.step_seconds, 2),  # the loop's math (see _MetricsCallback)
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else 0.0,
         "trainable_params": float(trainable),
         "trainable_ratio": round(trainable / total, 6) if total else 0.0,

@@ -5,7 +5,7 @@ from typing import Any
 
 from prefect import task
 
-from lora_pipeline import evaluate_stage
+from lora_pipeline import evaluate_records, evaluate_stage
 from lora_pipeline.config import PipelineConfig
 from lora_pipeline.tracking import TrackingRun
 from tasks.policy import CACHED, HOUR, MINUTE, TRANSIENT_RETRIES, redacts_secrets
@@ -13,9 +13,10 @@ from tasks.policy import CACHED, HOUR, MINUTE, TRANSIENT_RETRIES, redacts_secret
 
 @task(name="evaluate", task_run_name="evaluate-{label}", timeout_seconds=6 * HOUR, **CACHED)
 @redacts_secrets
-def evaluate(cfg: PipelineConfig, run_dir: str, label: str, adapter_dir: str | None = None) -> dict[str, float]:
-    """Task and regression metrics of the quantised base, the full-precision base or the candidate."""
-    return evaluate_stage.evaluate(cfg, Path(run_dir), label, Path(adapter_dir) if adapter_dir else None)
+def evaluate(cfg: PipelineConfig, run_dir: str, label: str, adapter_dir: str | None = None) -> dict[str, Any]:
+    """Task and regression metrics of the quantised base, the full-precision base or the candidate
+    (``{"metrics", "execution"}``; an earlier run's, when it scored the same model on the same rows)."""
+    return evaluate_records.evaluate(cfg, Path(run_dir), label, Path(adapter_dir) if adapter_dir else None)
 
 
 @task(name="evaluate_champion", timeout_seconds=6 * HOUR, **TRANSIENT_RETRIES, **CACHED)
@@ -23,15 +24,17 @@ def evaluate(cfg: PipelineConfig, run_dir: str, label: str, adapter_dir: str | N
 def evaluate_champion(cfg: PipelineConfig, run_dir: str, run: TrackingRun, run_key: str,
                       base_fingerprint: str) -> dict[str, Any] | None:
     """Score the registry's current champion on this run's suites (None when there is none)."""
-    return evaluate_stage.evaluate_champion(cfg, Path(run_dir), run.tracking_uri, run_key,
-                                            base_fingerprint)
+    return evaluate_records.evaluate_champion(cfg, Path(run_dir), run.tracking_uri, run_key, base_fingerprint)
 
 
 @task(name="compare_models", timeout_seconds=10 * MINUTE, **CACHED)
 @redacts_secrets
-def compare_models(run_dir: str, results: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """JSON table and PNG bar chart of every scored model, and the quantisation cost, under ``run_dir/eval``."""
-    return evaluate_stage.compare_models(Path(run_dir), results)
+def compare_models(run_dir: str, results: dict[str, dict[str, float]], output_dir: str | None = None) -> dict[str, Any]:
+    """JSON table and PNG bar chart of every scored model, and the quantisation cost, under ``run_dir/eval``
+    (with ``output_dir``: an earlier run's, for the same scores)."""
+    if output_dir is None:
+        return evaluate_stage.compare_models(Path(run_dir), results)
+    return evaluate_records.compare_models(Path(output_dir), Path(run_dir), results)
 
 
 @task(name="evaluate_registered", task_run_name="evaluate-{label}", timeout_seconds=6 * HOUR, **TRANSIENT_RETRIES,

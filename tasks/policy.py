@@ -3,10 +3,17 @@
 - Retries: only transient failures (network, a server's 5xx/429, a locked database; see
   :func:`lora_pipeline.errors.is_transient`), with exponential backoff and jitter. Bad data, a failed
   gate or a bug fail at once: retrying would only repeat them.
-- Caching: the stages that compute (validate, format, train, evaluate, merge) persist their results,
-  under Prefect's default cache key (task source, flow run, inputs). A retry of the flow run therefore
-  takes every finished stage from cache (state ``Cached``) and runs only what failed. The inputs are
-  the config and paths inside the flow run's own directory, which a retry reuses.
+- Caching, two levels:
+  - within a flow run: the stages that compute (validate, format, train, evaluate, merge) persist their
+    results under Prefect's default cache key (task source, flow run, inputs). A retry of the flow run
+    therefore takes every finished stage from cache (state ``Cached``) and runs only what failed. The
+    inputs are the config and paths inside the flow run's own directory, which a retry reuses.
+  - across flow runs: a new flow run has a new id and directory, so Prefect's key never matches; the
+    stages themselves reuse an earlier run's outputs when their inputs are the same by content
+    (:mod:`lora_pipeline.reuse`: records under ``<output_dir>/cache/stages``, every file checked before
+    use, linked into the new run's directory). The run summary marks such stages ``cached``. Prefect's
+    cache cannot do this part: a hit returns a value without running code, so nothing would check the
+    files behind it or put them in the new run's directory.
 - Timeouts: each task has one that fits its work; training's is the longest.
 - Secrets: :func:`redacts_secrets` cleans a task's exception before Prefect turns it into the
   state message and the persisted result, which no log redaction reaches.
@@ -49,7 +56,7 @@ TRANSIENT_RETRIES: dict[str, Any] = {
     "retry_jitter_factor": 0.5,
     "retry_condition_fn": retry_if_transient,
 }
-#: Persisted results, so a flow-run retry finds them (Prefect's default cache policy keys them).
+#: Persisted results, so a flow-run retry finds them (Prefect's default cache policy keys them by flow run).
 CACHED: dict[str, Any] = {"persist_result": True}
 
 

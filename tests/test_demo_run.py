@@ -55,14 +55,21 @@ def test_demo_meets_its_targets(demo):
     assert first["registered_model"]["version"] == "1" and first["registered_model"]["created"] is True
 
 
-def test_second_demo_reuses_the_world_and_the_registered_version(demo):
+def test_second_demo_reuses_the_world_every_result_and_the_registered_version(demo):
     root, cwd, (first, second) = demo
     seconds = {s["name"]: s["seconds"] for s in second["stages"]}
     assert seconds["resolve_assets"] < 10, "the cached demo world was rebuilt"
     assert len([p for p in (root / "outputs" / "cache" / "demo-world").iterdir()]) == 1
-    # Same config and data: the registry returns the existing version instead of a duplicate.
-    assert second["registered_model"]["version"] == first["registered_model"]["version"]
-    assert second["registered_model"]["created"] is False
+    # An identical re-run: every computing stage takes the first run's results (same inputs by content),
+    # computes nothing, and the decision is the same.
+    status = {s["name"]: s["status"] for s in second["stages"]}
+    assert [status[name] for name in ("validate_data", "format_prompts", "train_qlora", "evaluate", "merge")] == \
+        ["cached"] * 5
+    assert sum(s.get("compute_seconds", 0.0) for s in second["stages"]) == 0.0
+    assert (second["eval"], second["gate"]) == (first["eval"], first["gate"])
+    # Same config and data: the registry returns the existing version instead of a duplicate; aliases stay.
+    assert second["registered_model"] == {**first["registered_model"], "created": False}
+    assert second["registry"]["aliases"] == first["registry"]["aliases"] == {"candidate": "1", "champion": "1"}
     assert list(cwd.iterdir()) == []  # nothing written relative to the working directory
 
 
@@ -113,6 +120,11 @@ def test_gate_rejects_an_overtrained_candidate_that_forgets(demo, overtrained):
     assert overtrained["eval"]["base"]["regression_exact_match"] - candidate["regression_exact_match"] > 0.1
     assert overtrained["gate"]["passed"] is False
     assert any(r.startswith("FAIL: regression drop") for r in overtrained["gate"]["reasons"])
+    # Only what reads the learning rate ran again: the data stages and the base's scores are the first run's.
+    stages = {s["name"]: s for s in overtrained["stages"]}
+    assert (stages["validate_data"]["status"], stages["train_qlora"]["status"]) == ("cached", "completed")
+    assert stages["evaluate"]["steps"]["evaluate-base"]["reused_from"] == first["run_dir"]
+    assert stages["evaluate"]["steps"]["evaluate-candidate"]["reused_from"] is None
     # Compared with the serving champion (the demo candidate, version 1) too, on the same suites.
     assert overtrained["champion"]["version"] == "1"
     assert any(r.startswith("FAIL: regression_exact_match vs champion") for r in overtrained["gate"]["reasons"])

@@ -299,7 +299,7 @@ def test_a_flow_retry_takes_finished_stages_from_cache_and_runs_only_what_failed
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from lora_pipeline import evaluate_stage, stages
+    from lora_pipeline import evaluate_records, stages
 
     calls: Counter[str] = Counter()
 
@@ -316,7 +316,7 @@ def test_a_flow_retry_takes_finished_stages_from_cache_and_runs_only_what_failed
 
     for name in ("validate_data", "format_prompts", "train", "merge"):
         counted(stages, name)
-    counted(evaluate_stage, "evaluate")
+    counted(evaluate_records, "evaluate")
     counted(stages, "register", fail_first=True)
     with as_worker(small_config, ["train.seed=5", "registry.model_name=e2e-retry"]):
         summary = finetune.with_options(retries=1, retry_delay_seconds=0)(config_path=str(small_config))
@@ -363,3 +363,95 @@ def test_the_evaluate_flow_rescores_a_version_against_the_champion_and_tags_the_
                                                         f": e2e-tiny version {challenger}")
     run = MlflowClient(uri).get_run(summary["mlflow_run_id"])
     assert f"eval/v{challenger}/task_exact_match" in run.data.metrics
+
+
+def _steps(summary: dict) -> dict[str, dict]:
+    """``{stage: {"status", "steps": {step: reused from or None}}}`` of a run summary."""
+    return {s["name"]: {"status": s["status"], "steps": {k: v["reused_from"] for k, v in s.get("steps", {}).items()}}
+            for s in summary["stages"]}
+
+
+def _computed_in(summary: dict, stage: str) -> dict[str, str]:
+    """``{step: run directory that computed its result}`` (this run's, or the one it was reused from)."""
+    return {step: origin or summary["run_dir"] for step, origin in _steps(summary)[stage]["steps"].items()}
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_what_has_the_same_inputs_and_recomputes_what_changed(prefect_api, small_config, tmp_path,
+                                                                             monkeypatch):
+    """Identical re-run: every computing stage comes from the first run's records (status ``cached``, no
+    compute seconds), the outputs are in the new run's own directory, no second version, aliases unchanged.
+    One changed input (learning rate, a data row, the champion, a record's file) recomputes what reads it."""
+    from mlflow import MlflowClient
+
+    from lora_pipeline.promotion import promote
+
+    monkeypatch.chdir(tmp_path)
+    name, computing = "e2e-rerun", ("validate_data", "format_prompts", "train_qlora", "evaluate", "merge")
+    args = ("train.seed=7", f"registry.model_name={name}")
+    first = run_flow(small_config, *args)
+    again = run_flow(small_config, *args)
+    stages = _steps(again)
+    assert {stage: stages[stage]["status"] for stage in computing} == dict.fromkeys(computing, "cached")
+    assert all(stage.get("compute_seconds", 0.0) == 0.0 for stage in again["stages"])
+    # Reused from the first run (or where the first run had its base's scores from: another test's run) ...
+    assert _computed_in(again, "evaluate") == _computed_in(first, "evaluate")
+    assert set(_computed_in(again, "evaluate")) == {"evaluate-base", "evaluate-base_full_precision",
+                                                     "evaluate-candidate"}
+    assert _computed_in(again, "train_qlora") == {"train_qlora": first["run_dir"]}
+    run_dir = Path(again["run_dir"])
+    assert run_dir != Path(first["run_dir"]) and again["registered_model"]["model_uri"].endswith("/1")
+    for output in ("data/clean.jsonl", "formatted/tokenized.jsonl", "adapter/adapter_model.safetensors",
+                   "eval/candidate.json", "merged/model.safetensors"):  # ... into its own directory
+        assert (run_dir / output).read_bytes() == (Path(first["run_dir"]) / output).read_bytes(), output
+    assert again["merge"]["merged_dir"] == str(run_dir / "merged")
+    assert (again["eval"], again["gate"], again["run_key"]) == (first["eval"], first["gate"], first["run_key"])
+    assert again["registered_model"] == {**first["registered_model"], "created": False}
+    assert again["registry"]["aliases"] == first["registry"]["aliases"] == {"candidate": "1", "champion": "1"}
+    client = MlflowClient(again["mlflow_tracking_uri"])
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert client.get_run(again["mlflow_run_id"]).data.tags["reused_stages"] == ", ".join(computing)
+
+    # A learning rate: data stages reused, training and everything after it again; the base's scores kept.
+    hold = (*args, "registry.auto_promote=false")  # version 1 stays champion from here on
+    faster = run_flow(small_config, *hold, "train.learning_rate=0.003")
+    stages = _steps(faster)
+    assert (stages["validate_data"]["status"], stages["format_prompts"]["status"]) == ("cached", "cached")
+    assert stages["train_qlora"] == {"status": "completed", "steps": {"train_qlora": None}}
+    assert _computed_in(faster, "evaluate") == {**_computed_in(first, "evaluate"),
+                                                "evaluate-candidate": faster["run_dir"],
+                                                "evaluate-champion": faster["run_dir"]}
+    assert faster["registered_model"]["version"] == "2" and faster["champion"]["version"] == "1"
+
+    # One data row fewer: the data stages and training again; the champion's scores (same version, same
+    # rows) are the learning-rate run's.
+    rows = Path(small_config.parent / "train.jsonl").read_text().splitlines(keepends=True)
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(rows[:-1]))
+    changed = run_flow(small_config, *hold, f"data.path={fewer}")
+    stages = _steps(changed)
+    assert [stages[s]["status"] for s in computing[:3]] == ["completed"] * 3
+    assert stages["evaluate"]["steps"]["evaluate-candidate"] is None
+    assert stages["evaluate"]["steps"]["evaluate-champion"] == faster["run_dir"]
+    assert changed["run_key"] not in (first["run_key"], faster["run_key"])
+
+    # Another champion: only its evaluation (and what follows the gate) runs again.
+    promote(changed["mlflow_tracking_uri"], name, "2", force=True)
+    rejudged = run_flow(small_config, *hold, f"data.path={fewer}")
+    stages = _steps(rejudged)
+    assert stages["evaluate"]["steps"]["evaluate-champion"] is None and rejudged["champion"]["version"] == "2"
+    assert [stages[s]["status"] for s in computing[:3]] == ["cached"] * 3
+    assert rejudged["registered_model"] == {**changed["registered_model"], "created": False}
+
+    # A record whose file is gone is not used: training is taken from its finished checkpoint instead (no
+    # model trained again), and the record is written anew.
+    records = small_config.parent / "outputs" / "cache" / "stages" / "train_qlora"
+    (record,) = [p.parent for p in records.glob("*/record.json")
+                 if json.loads(p.read_text())["origin"] == first["run_dir"]]
+    (record / "files" / "adapter" / "adapter_model.safetensors").unlink()
+    repaired = run_flow(small_config, *args)
+    stages = _steps(repaired)
+    assert stages["train_qlora"] == {"status": "completed", "steps": {"train_qlora": None}}
+    assert repaired["train"]["resumed_from_step"] == repaired["train"]["global_step"]
+    assert json.loads((record / "record.json").read_text())["origin"] == repaired["run_dir"]
+    assert repaired["registered_model"] == {**first["registered_model"], "created": False}
