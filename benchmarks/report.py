@@ -97,9 +97,10 @@ def _serving(data: dict) -> list[dict]:
 def _training_real(data: dict) -> list[dict]:
     name, runs = data["model"]["name"], data["runs"]
     return [
-        _measure(f"Training tokens/s, {name}: pipeline / plain TRL + PEFT (mean of repeats)",
-                 ("pipeline", data["mean_tokens_per_second"]["pipeline"]),
-                 ("plain_trl", data["mean_tokens_per_second"]["plain_trl"]), ">= 0.95"),
+        _measure(f"Training tokens/s, {name}: pipeline / plain TRL + PEFT (best of {data['model']['repeats']} "
+                 "alternating repeats each)",
+                 ("pipeline", data["best_tokens_per_second"]["pipeline"]),
+                 ("plain_trl", data["best_tokens_per_second"]["plain_trl"]), ">= 0.95"),
         _measure(f"Memory of the base, {name}: 4-bit / float32 (MB; the tied embedding stays float32)",
                  ("4-bit", runs["memory_4bit"]["footprint_mb"]), ("float32", runs["memory_fp32"]["footprint_mb"]),
                  "<= 0.3"),

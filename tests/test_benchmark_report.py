@@ -30,3 +30,12 @@ def test_the_markdown_table_lists_every_record_and_what_did_not_run():
                                "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "libraries": {"torch": "2"}}})
     assert "| 0.4 | <= 0.15 | **no** |" in text and "| 0.08 | <= 0.1 | yes |" in text
     assert text.rstrip().endswith("Not run: serving.json")
+
+
+def test_training_on_the_real_model_reads_the_best_run_of_each_side():
+    data = {"model": {"name": "SmolLM2", "repeats": 2},
+            "best_tokens_per_second": {"pipeline": 97.5, "plain_trl": 93.0},
+            "runs": {"memory_4bit": {"footprint_mb": 158.76}, "memory_fp32": {"footprint_mb": 513.13}}}
+    speed, memory = report.READERS["training_smollm2/training.json"](data)
+    assert (speed["ratio"], speed["met"]) == (1.048, True) and "best of 2" in speed["benchmark"]
+    assert (memory["ratio"], memory["met"]) == (0.309, False)
