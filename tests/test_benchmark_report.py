@@ -39,3 +39,22 @@ def test_training_on_the_real_model_reads_the_best_run_of_each_side():
     speed, memory = report.READERS["training_smollm2/training.json"](data)
     assert (speed["ratio"], speed["met"]) == (1.048, True) and "best of 2" in speed["benchmark"]
     assert (memory["ratio"], memory["met"]) == (0.309, False)
+
+
+def test_quality_over_several_seeds_reports_means_and_is_met_only_when_every_seed_is():
+    def seed(qlora_ppl, lora_ppl, qlora_em, lora_em):
+        return {"qlora": {"answer_perplexity": qlora_ppl, "exact_match": qlora_em},
+                "lora": {"answer_perplexity": lora_ppl, "exact_match": lora_em},
+                "answer_perplexity_qlora_over_lora": round(qlora_ppl / lora_ppl, 4),
+                "exact_match_qlora_minus_lora_points": round((qlora_em - lora_em) * 100, 1)}
+    seeds = {"0": seed(1.07, 1.05, 0.90, 0.94), "1": seed(1.04, 1.04, 0.93, 0.94)}
+    data = {"tasks": {"smollm2": {"seeds": seeds, "answer_perplexity_qlora_over_lora": {"mean": 1.012},
+                                  "exact_match_qlora_minus_lora_points": {"mean": -2.5}}}}
+    perplexity, exact = report.READERS["quality.json"](data)
+    assert (perplexity["ratio"], perplexity["met"]) == (1.012, True) and "2 seeds" in perplexity["benchmark"]
+    assert perplexity["sides"] == {"qlora": 1.055, "lora": 1.045}
+    assert (exact["ratio"], exact["met"]) == (-2.5, False)  # seed 1 is within 2 points, seed 0 is not
+    one = report.READERS["quality.json"]({"tasks": {"demo": {"seeds": {"0": seeds["1"]},
+                                                             "answer_perplexity_qlora_over_lora": 1.0,
+                                                             "exact_match_qlora_minus_lora_points": -1.0}}})
+    assert [record["met"] for record in one] == [True, True] and "1 seed," in one[0]["benchmark"]
