@@ -19,11 +19,11 @@ from typing import Any
 
 from lora_pipeline.base_model import model_stop_ids
 from lora_pipeline.config import BASE_ANSWERS, PipelineConfig
-from lora_pipeline.evaluation import comparison_table, evaluate_model, generate_answers, write_comparison_chart, \
-    write_metrics
 from lora_pipeline.formatting import stop_token_ids
-from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
 from lora_pipeline.suites import load_eval_suites, references_path, write_references
+
+# The scoring and model-loading modules (torch, transformers, peft, matplotlib) are imported where a model is
+# scored: a re-run whose evaluations are all reused (lora_pipeline.evaluate_records) never imports them.
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ def evaluate(cfg: PipelineConfig, run_dir: Path, label: str, adapter_dir: Path |
     With ``eval.regression_qa_path: base_answers`` the ``base`` must be scored first: its answers
     become the regression references. ``timings`` receives ``compute_seconds`` (see :func:`score`).
     """
-    from peft import PeftModel  # local: only the candidate path needs it
+    from peft import PeftModel
+
+    from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
 
     device = detect_device()
     tokenizer = load_tokenizer(cfg.model)
@@ -60,6 +62,8 @@ def score(cfg: PipelineConfig, model: Any, tokenizer: Any, stop_ids: list[int], 
     ``timings``, when given, receives ``compute_seconds``: generation and scoring only (not loading the
     model or the suites, not writing the metrics), added to what it holds.
     """
+    from lora_pipeline.evaluation import evaluate_model, generate_answers, write_metrics
+
     notes: list[str] = []
     suites = load_eval_suites(cfg, run_dir, has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
                               notes=notes)
@@ -119,6 +123,7 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
     from mlflow.artifacts import download_artifacts
     from peft import PeftModel
 
+    from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
     from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
     from lora_pipeline.registry import RUN_KEY_TAG, mlflow_client
 
@@ -176,6 +181,8 @@ def quantization_cost(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def compare_models(run_dir: Path, results: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Write the comparison of every scored model as ``eval/comparison.json`` and ``comparison.png``."""
+    from lora_pipeline.evaluation import comparison_table, write_comparison_chart
+
     table_path = run_dir / "eval" / "comparison.json"
     table_path.write_text(json.dumps(comparison_table(results), indent=2, sort_keys=True))
     chart_path = write_comparison_chart(results, run_dir / "eval" / "comparison.png")

@@ -8,7 +8,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -16,22 +16,10 @@ from typing import Any
 import torch
 
 from lora_pipeline.formatting import IGNORE_INDEX, encode_generation_prompt, prompt_turns, tokenize_conversation
+from lora_pipeline.suites import EvalSuites  # noqa: F401 (also importable from here)
 
 #: n-gram size of the repetition rate (a degenerate generation repeats phrases, not single words).
 REPETITION_NGRAM = 3
-
-
-@dataclass(frozen=True)
-class EvalSuites:
-    """Held-out rows to score: the task, the base model's own skills, and general text."""
-
-    task: list[dict[str, Any]]
-    regression_qa: list[dict[str, Any]]
-    regression_text: list[str]
-    task_text: list[str] = field(default_factory=list)  # data.format=text: held-out texts (perplexity)
-    lm_eval_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names (optional package)
-    lm_eval_limit: int | None = None  # examples per lm-eval task
-    score_task: bool = True  # False: the task rows are kept (for merge parity) but not scored
 
 
 def normalize_answer(text: str, match: str = "exact") -> str:

@@ -21,6 +21,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from lora_pipeline.build_once import COMPLETE_MARKER
 from lora_pipeline.config import PipelineConfig
 from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
 
@@ -92,6 +93,29 @@ def _dequantized_base(cfg: PipelineConfig, device: torch.device) -> tuple[Any, b
     return model, quantized, time.perf_counter() - started
 
 
+def save_dequantized_base(cfg: PipelineConfig, out_dir: Path) -> None:
+    """Save the quantised base an adapter was trained against, de-quantised to the compute dtype, as a plain
+    model directory (weights, tokenizer, generation config) ending with the ``COMPLETE`` marker.
+
+    This is the base of adapter-form versions trained on a quantised base: a QLoRA adapter is right on
+    the weights it was trained on, not on the original full-precision ones (on SmolLM2 its task exact
+    match falls from 88 % to about 60 % there). These are the weights the merge merges into.
+    """
+    model, _, _ = _dequantized_base(cfg, detect_device())
+    _drop_quantization_config(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    load_tokenizer(cfg.model).save_pretrained(str(out_dir))
+    (out_dir / COMPLETE_MARKER).write_text(json.dumps({"base": cfg.model.name_or_path,
+                                                       "quant": cfg.quant.model_dump(mode="json")}))
+
+
+def _drop_quantization_config(model: Any) -> None:
+    # A quantisation config would make loaders try to re-quantise already de-quantised weights.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
 def merge_adapter(
     cfg: PipelineConfig,
     adapter_dir: Path,
@@ -145,9 +169,7 @@ def merge_adapter(
 
 
 def _save_merged(model: Any, tokenizer: Any, out_dir: Path, stop_ids: Sequence[int]) -> None:
-    # A quantisation config would make loaders try to re-quantise already de-quantised weights.
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    _drop_quantization_config(model)
     model.generation_config.eos_token_id = list(stop_ids)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

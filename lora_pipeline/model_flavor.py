@@ -81,8 +81,9 @@ class ModelSource:
 
 
 def model_source(store: str, model_dir: Path | None, adapter_dir: Path | None, base_model: str | None,
-                  base_revision: str | None) -> ModelSource:
-    """Check what ``store`` needs before anything is logged; resolve the base of the adapter form."""
+                  base_revision: str | None, base_dir: Path | None = None) -> ModelSource:
+    """Check what ``store`` needs before anything is logged; resolve the base of the adapter form (``base_dir``
+    when given: the directory it loads, e.g. the de-quantised weights a QLoRA adapter was trained on)."""
     if store not in get_args(Store):
         raise ValueError(f"store must be one of {get_args(Store)}, got {store!r}")
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
@@ -96,7 +97,11 @@ def model_source(store: str, model_dir: Path | None, adapter_dir: Path | None, b
         raise ValueError("store='adapter' needs adapter_dir and base_model (local directory or hub id)")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter_dir}")
-    return ModelSource("adapter", None, adapter_dir, resolve_base_dir(base_model, base_revision), base_model)
+    if base_dir is None:
+        base_dir = resolve_base_dir(base_model, base_revision)
+    elif not (Path(base_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face model (config.json) in base directory {base_dir}")
+    return ModelSource("adapter", None, adapter_dir, Path(base_dir).resolve(), base_model)
 
 
 def load_components(source: ModelSource, eos_token_ids: list[int] | None, trust_remote_code: bool) -> dict[str, Any]:
@@ -114,8 +119,8 @@ def load_components(source: ModelSource, eos_token_ids: list[int] | None, trust_
     else:
         from peft import PeftModel
 
-        # The base in full precision, as MLflow will load it: a registered model must not need
-        # bitsandbytes (a QLoRA adapter was trained on the 4-bit base; see merge.py for the parity).
+        # The base as MLflow will load it, never quantised: a registered model must not need bitsandbytes
+        # (a QLoRA adapter's base directory holds the 4-bit weights it was trained on, de-quantised).
         base = AutoModelForCausalLM.from_pretrained(source.base_dir, dtype="auto", **trust)
         model = PeftModel.from_pretrained(base, str(source.adapter_dir))
         # Training saves the tokenizer (with the chat template it trained on) next to the adapter.

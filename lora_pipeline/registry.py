@@ -13,7 +13,9 @@ Two storage forms (version tag ``store``):
   and the tokenizer are stored, plus the base's absolute local directory (flavor key
   ``local_base_model_path``); ``mlflow.transformers.load_model`` loads that base and applies the adapter.
   Without ``base_model_path`` MLflow would reference the base by hub id and the *latest* hub commit
-  (looked up online at logging time), and copy the full base weights for a local directory.
+  (looked up online at logging time), and copy the full base weights for a local directory. An adapter
+  trained on a quantised base references that base de-quantised (the pipeline passes ``base_model_dir``),
+  so a plain MLflow load computes what was gated, without bitsandbytes.
 
 MLflow's adapter form stores no generation config: a plain load gets the *base's* stop ids. So the
 logged model's generation config (the full EOS set) is also kept in the MLmodel metadata, restored by
@@ -155,6 +157,7 @@ def register_model(
     adapter_dir: Path | None = None,
     base_model: str | None = None,
     base_revision: str | None = None,
+    base_model_dir: Path | None = None,
     store: Store | None = None,
     eos_token_ids: Sequence[int] | None = None,
     description: str | None = None,
@@ -181,6 +184,9 @@ def register_model(
             (a GGUF base: its converted directory), or a hub id cached locally (see
             :func:`lora_pipeline.base_model.resolve_base_dir`). The version references that directory: keep it in place.
         base_revision: Hub revision of a hub-id ``base_model``.
+        base_model_dir: The directory the adapter form loads as its base, when not ``base_model`` itself:
+            for an adapter trained on a quantised base, that base de-quantised
+            (:func:`lora_pipeline.merge.save_dequantized_base`). Tagged as ``base_model_path``.
         store: ``"merged"`` or ``"adapter"``; None takes ``registry_cfg.store``.
         eos_token_ids: The full stop set; the logged model's ``generation_config.eos_token_id``
             becomes exactly this list. None keeps the model's (or base's) own generation config.
@@ -199,7 +205,8 @@ def register_model(
         MlflowException: the store refused an operation.
     """
     name = registry_cfg.model_name
-    source = model_source(store or registry_cfg.store, model_dir, adapter_dir, base_model, base_revision)
+    source = model_source(store or registry_cfg.store, model_dir, adapter_dir, base_model, base_revision,
+                          base_model_dir)
     eos = [int(i) for i in eos_token_ids] if eos_token_ids is not None else None
     if eos is not None and not eos:
         raise ValueError("eos_token_ids must name at least one token id (or be None)")

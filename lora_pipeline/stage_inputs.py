@@ -123,3 +123,9 @@ def merge_inputs(cfg: PipelineConfig, adapter_dir: Path, run_dir: Path) -> dict[
     return {**_model(cfg), "quant": cfg.quant.model_dump(mode="json"), "adapter": content_digest(adapter_dir),
             "merge_settings": cfg.merge.model_dump(mode="json"),
             "parity_rows": _digest([suites["task"], suites["task_text"]])}
+
+
+def dequantized_base_inputs(cfg: PipelineConfig, device_type: str) -> dict[str, Any]:
+    """The de-quantised base that adapter-form versions reference: the base, ``quant.*`` and the device type
+    (its kernels quantise and de-quantise)."""
+    return {**_model(cfg), "quant": cfg.quant.model_dump(mode="json"), "device": device_type}

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_pipeline.config import BASE_ANSWERS, PipelineConfig
 from lora_pipeline.data import read_messages
 from lora_pipeline.data.writer import EVAL_FILENAME
-from lora_pipeline.evaluation import EvalSuites, Generation
 from lora_pipeline.formatting import encode_generation_prompt, prompt_turns
+
+if TYPE_CHECKING:  # reading the suites (and keying a stage by them) needs no torch
+    from lora_pipeline.evaluation import Generation
 
 RESOURCES = Path(__file__).parent / "resources"
 #: General prompts whose base-model answers become the regression references (``base_answers``). Each asks
@@ -31,6 +34,19 @@ GENERAL_PROMPTS = RESOURCES / "general_prompts.jsonl"
 #: General text for regression perplexity when the user names none.
 GENERAL_TEXT = RESOURCES / "general_text.jsonl"
 REFERENCES_FILENAME = "regression_references.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalSuites:
+    """Held-out rows to score: the task, the base model's own skills, and general text."""
+
+    task: list[dict[str, Any]]
+    regression_qa: list[dict[str, Any]]
+    regression_text: list[str]
+    task_text: list[str] = field(default_factory=list)  # data.format=text: held-out texts (perplexity)
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names (optional package)
+    lm_eval_limit: int | None = None  # examples per lm-eval task
+    score_task: bool = True  # False: the task rows are kept (for merge parity) but not scored
 
 
 def task_rows_path(cfg: PipelineConfig, run_dir: Path) -> tuple[Path, str]:

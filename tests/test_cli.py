@@ -198,3 +198,18 @@ def test_help_and_show_config_import_no_heavy_library(argv):
              f"print([m for m in {heavy!r} if m in sys.modules], file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr[-2000:]
+
+
+def test_the_flow_imports_no_model_library_until_a_stage_computes():
+    """A re-run whose stages are all reused loads no model: importing the flow (what every run, and the
+    worker's every flow run, pays first) must not import transformers, PEFT, TRL, bitsandbytes, datasets,
+    Great Expectations or matplotlib; the stages that compute import them."""
+    import subprocess
+    import sys
+
+    heavy = ("transformers", "peft", "trl", "bitsandbytes", "datasets", "great_expectations", "matplotlib", "torch")
+    probe = f"import sys\nimport flows.finetune\nprint([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]

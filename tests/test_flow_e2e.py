@@ -10,8 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
+from lora_pipeline.config_files import load_config
 from lora_pipeline.loading import load_text_generation
+from lora_pipeline.modeling import load_base_model
 from lora_pipeline.run_request import as_worker
 from tests.helpers.configs import write_jsonl, write_tiny_config
 from tests.helpers.flows import NOTIFY, alert_webhook, run_flow
@@ -199,6 +203,17 @@ def test_a_failed_gate_registers_the_adapter_and_a_base_reference_without_mergin
     assert summary["registry"]["aliases"].get("candidate") != version  # no alias for a failing version
     pipe = load_text_generation(summary["registered_model"]["model_uri"], summary["mlflow_tracking_uri"])
     assert type(pipe.model).__name__ == "PeftModelForCausalLM"  # base + adapter, loaded by MLflow's PEFT support
+    # Its base is the 4-bit base the adapter was trained on, de-quantised: not the original float32 weights.
+    cfg = load_config(small_config, ["train.seed=2"])
+    assert Path(tags["base_model_path"]).parent == cfg.output_dir.resolve() / "cache" / "dequantized-base"
+    assert tags["base_model"] == cfg.model.name_or_path
+    loaded = pipe.model.get_base_model().state_dict()
+    trained_on = load_base_model(cfg.model, cfg.quant, torch.device("cpu")).dequantize().state_dict()
+    original = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path).state_dict()
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    wrapped = weight.replace(".weight", ".base_layer.weight")  # when LoRA targets the layer
+    assert torch.equal(loaded.get(wrapped, loaded.get(weight)), trained_on[weight])
+    assert not torch.equal(trained_on[weight], original[weight])
 
 
 def test_changing_only_the_gate_reuses_the_trained_adapter_and_its_version(prefect_api, small_config, tmp_path,

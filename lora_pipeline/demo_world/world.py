@@ -17,9 +17,7 @@ from typing import Any
 from lora_pipeline.build_once import COMPLETE_MARKER, build_once
 from lora_pipeline.demo_world.corpus import WorldRows, build_world_rows
 from lora_pipeline.demo_world.lexicon import build_lexicon
-from lora_pipeline.demo_world.pretrain import encode_rows, generation_config, pretrain_model
 from lora_pipeline.demo_world.spec import FORMAT_VERSION, DemoWorldSpec
-from lora_pipeline.demo_world.tokenizer import tokenizer_texts, train_tokenizer
 
 #: Default generation budget saved in generation_config.json (longest answer is ~10 tokens).
 _MAX_NEW_TOKENS = 32
@@ -66,6 +64,10 @@ def ensure_demo_world(spec: DemoWorldSpec, cache_root: Path, log: Callable[[str]
 
 
 def _build(spec: DemoWorldSpec, root: Path, log: Callable[[str], None]) -> None:
+    # Imported here: only a build pre-trains (torch, transformers); finding the cached world needs neither.
+    from lora_pipeline.demo_world.pretrain import encode_rows, generation_config, pretrain_model
+    from lora_pipeline.demo_world.tokenizer import tokenizer_texts, train_tokenizer
+
     started = time.monotonic()
     world = DemoWorld.at(root)
     lexicon = build_lexicon(spec)
