@@ -99,7 +99,7 @@ def save_dequantized_base(cfg: PipelineConfig, out_dir: Path) -> None:
 
     This is the base of adapter-form versions trained on a quantised base: a QLoRA adapter is right on
     the weights it was trained on, not on the original full-precision ones (on SmolLM2 its task exact
-    match falls from 88 % to about 60 % there). These are the weights the merge merges into.
+    match falls from 97.5 % to 52.5 % there). These are the weights the merge merges into.
     """
     model, _, _ = _dequantized_base(cfg, detect_device())
     _drop_quantization_config(model)
