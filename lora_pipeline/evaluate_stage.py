@@ -121,9 +121,7 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
         ``metrics`` is None when the champion is this very training (same run key).
     """
     from mlflow.artifacts import download_artifacts
-    from peft import PeftModel
 
-    from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
     from lora_pipeline.promotion import CHAMPION_ALIAS, version_by_alias
     from lora_pipeline.registry import RUN_KEY_TAG, mlflow_client
 
@@ -138,6 +136,10 @@ def evaluate_champion(cfg: PipelineConfig, run_dir: Path, tracking_uri: str, run
     download.mkdir(parents=True, exist_ok=True)
     try:
         if tags.get("base_fingerprint") == base_fingerprint and tags.get("adapter_uri"):
+            from peft import PeftModel
+
+            from lora_pipeline.modeling import detect_device, load_base_model, load_tokenizer
+
             adapter = Path(download_artifacts(artifact_uri=tags["adapter_uri"], dst_path=str(download),
                                               tracking_uri=tracking_uri))
             tokenizer = load_tokenizer(cfg.model, adapter)  # the champion's own template

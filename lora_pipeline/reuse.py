@@ -88,8 +88,6 @@ def environment() -> dict[str, Any]:
     library versions and the device type. Computed once per process."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-
     source = hashlib.sha256()
     package = Path(__file__).resolve().parent
     for file in sorted(package.rglob("*.py")):
@@ -100,8 +98,17 @@ def environment() -> dict[str, Any]:
             versions[name] = version(name.replace("_", "-"))
         except PackageNotFoundError:
             versions[name] = "absent"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"pipeline_source": source.hexdigest(), "libraries": versions, "device": device}
+    return {"pipeline_source": source.hexdigest(), "libraries": versions, "device": device_type(versions["torch"])}
+
+
+def device_type(torch_version: str) -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu``. A CPU-only torch build (version ``+cpu``) cannot see one:
+    it is ``cpu`` without importing torch, which would cost a re-run whose stages are all reused seconds."""
+    if torch_version.endswith("+cpu"):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def key_of(parts: Mapping[str, Any]) -> str:

@@ -163,3 +163,29 @@ def test_the_summary_marks_a_stage_cached_only_when_every_step_was_reused(tmp_pa
     assert evaluate["status"] == "completed" and evaluate["compute_seconds"] == 2.25
     assert set(evaluate["steps"]) == {"evaluate-base", "evaluate-candidate"}
     assert summary.cached_stages() == ["train_qlora"]  # what the run's MLflow tag reused_stages lists
+
+
+def test_the_device_type_in_every_key_follows_the_gpu_torch_sees(monkeypatch):
+    """A CPU-only build is ``cpu`` without importing torch; any other build asks torch (GPU machines)."""
+    import torch
+
+    from lora_pipeline.reuse import device_type
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (device_type("2.13.0+cpu"), device_type("2.13.0"), device_type("2.13.0+cu128")) == ("cpu", "cuda", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_type("2.13.0+cu128") == "cpu"
+
+
+def test_keying_a_stage_on_a_cpu_build_imports_no_torch():
+    """What every reused stage pays first: the environment part of its key. On this CPU wheel, no torch import."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    if not version("torch").endswith("+cpu"):
+        pytest.skip("not a CPU-only torch build")
+    probe = ("import sys\nfrom lora_pipeline.reuse import environment\n"
+             "assert environment()['device'] == 'cpu'\nprint('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
