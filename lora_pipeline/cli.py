@@ -207,11 +207,17 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     except (FormatError, OSError, ValueError) as exc:  # an untrainable tokenizer, a model that cannot load
         print(f"error: model.name_or_path={cfg.model.name_or_path}: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    from flows.finetune import finetune  # imported late: Prefect reads the environment at import
+    # Imported late: Prefect reads the environment at import. Prefect's temporary server (when no API is
+    # configured) starts while the flow's modules import.
+    from flows.temporary_api import TemporaryApiStart
+
+    api = TemporaryApiStart()
+    from flows.finetune import finetune
 
     from lora_pipeline.run_request import as_worker
 
     config_path = str(args.config.resolve()) if args.config else None
+    api.wait()
     try:  # this process is the flow run's worker: its --config, --set and --summary-json are trusted
         with as_worker(config_path, args.overrides, args.summary_json):
             summary = finetune(config_path=config_path)

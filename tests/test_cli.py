@@ -213,3 +213,42 @@ def test_the_flow_imports_no_model_library_until_a_stage_computes():
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+
+
+_TEMPORARY_API_PROBE = """
+import sys
+from flows.temporary_api import TemporaryApiStart
+
+api = TemporaryApiStart()
+print("started", api.started)
+if api.started:
+    assert "flows.finetune" not in sys.modules  # the CLI imports the flow while the server starts
+    api.wait()
+    assert api.error is None, api.error
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    assert server.running and httpx.get(server.api_url + "/health").status_code == 200
+    with get_client(sync_client=True) as client:  # what the flow run will talk to: this same server
+        print("client", str(client.api_url).rstrip("/") == server.api_url.rstrip("/"))
+"""
+
+
+@pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:9/api"])
+def test_run_starts_the_temporary_prefect_server_beside_its_imports_unless_an_api_is_configured(api_url, tmp_path):
+    """`lora-pipeline run` without PREFECT_API_URL: Prefect's temporary server starts on a thread while the
+    flow imports, and Prefect's client uses that server; with an API configured nothing is started."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", **({"PREFECT_API_URL": api_url} if api_url else {}))
+    done = subprocess.run([sys.executable, "-c", _TEMPORARY_API_PROBE], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = ["started False"] if api_url else ["started True", "client True"]
+    assert done.stdout.split("\n")[:len(expected)] == expected, done.stdout
