@@ -310,22 +310,21 @@ def registration_store(registry: RegistryConfig, gate_passed: bool) -> str:
     return registry.store if gate_passed else "adapter"
 
 
-def adapter_base_dir(cfg: PipelineConfig) -> Path:
-    """The base an adapter-form version references: the base itself, or for a quantised ``quant`` the weights
-    the adapter was trained on, de-quantised as the merge does and saved once under
+def adapter_base_dir(cfg: PipelineConfig) -> Path | None:
+    """The base an adapter-form version references when it is not the base itself (None): for a quantised
+    ``quant``, the weights the adapter was trained on, de-quantised as the merge does and saved once under
     ``output_dir/cache/dequantized-base`` (keyed by the base's content, ``quant.*`` and the device type).
 
     The same QLoRA adapter on SmolLM2's original float32 weights answers 52.5 % of the task right,
     against 97.5 % on the quantised weights it was trained and gated on.
     """
-    from lora_pipeline.base_model import resolve_base_dir
+    if not cfg.quant.quantizes:
+        return None  # the registry resolves the base as named (a directory, or a hub id cached locally)
     from lora_pipeline.build_once import build_once
     from lora_pipeline.merge import save_dequantized_base
     from lora_pipeline.modeling import detect_device
     from lora_pipeline.reuse import key_of
 
-    if not cfg.quant.quantizes:
-        return resolve_base_dir(cfg.model.name_or_path, cfg.model.revision)
     key = key_of(stage_inputs.dequantized_base_inputs(cfg, detect_device().type))
     name = Path(cfg.model.name_or_path.rstrip("/")).name or "base"
     final = cfg.output_dir / "cache" / "dequantized-base" / f"{name}-{key[:16]}"
