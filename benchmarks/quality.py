@@ -101,8 +101,9 @@ def _summary(metrics: dict[str, float]) -> dict[str, float]:
             "n": int(metrics["task_n"])}
 
 
-def run_seed(cfg, tokenized: Path, work: Path, seed: int) -> dict:
-    """QLoRA and LoRA trained from the same rows, steps and seed, each scored as a candidate."""
+def run_seed(cfg, tokenized: Path, work: Path, seed: int, context: bool = True) -> dict:
+    """QLoRA and LoRA trained from the same rows, steps and seed, each scored as a candidate (and, with
+    ``context``, the QLoRA adapter on the two float32 bases too)."""
     from lora_pipeline.evaluate_stage import evaluate
     from lora_pipeline.training import train_qlora
 
@@ -115,7 +116,7 @@ def run_seed(cfg, tokenized: Path, work: Path, seed: int) -> dict:
         scored[label].update(train_seconds=trained.metrics["train_seconds"],
                              eval_seconds=round(time.perf_counter() - started, 1),
                              final_train_loss=round(trained.metrics["final_loss"], 4))
-        if four_bit:  # context: the same adapter on the two float32 bases it may be served on
+        if four_bit and context:  # the same adapter on the two float32 bases it may be served on
             for other, dequantized in ((QLORA_DEQUANTIZED, True), (QLORA_ORIGINAL_FP32, False)):
                 scored[other] = _summary(score_on_other_base(variant, work, f"seed{seed}-{other}",
                                                              trained.adapter_dir, dequantized))
@@ -125,7 +126,7 @@ def run_seed(cfg, tokenized: Path, work: Path, seed: int) -> dict:
             "exact_match_qlora_minus_lora_points": round(100 * (qlora["exact_match"] - lora["exact_match"]), 2)}
 
 
-def run_task(task: str, out: Path, seeds: list[int]) -> dict:
+def run_task(task: str, out: Path, seeds: list[int], context: bool = True) -> dict:
     from lora_pipeline.evaluate_stage import BASE, FULL_PRECISION_BASE, evaluate
 
     work = out / "quality" / task
@@ -142,7 +143,7 @@ def run_task(task: str, out: Path, seeds: list[int]) -> dict:
               "seeds": {}}
     seconds["base_evaluations"] = round(time.perf_counter() - started - seconds["data_and_format"], 1)
     for seed in seeds:
-        result["seeds"][str(seed)] = run_seed(cfg, tokenized, work, seed)
+        result["seeds"][str(seed)] = run_seed(cfg, tokenized, work, seed, context)
         print(f"{task} seed {seed}: {json.dumps(result['seeds'][str(seed)])}", flush=True)
     per_seed = list(result["seeds"].values())
     for key in TARGETS:
@@ -159,12 +160,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed of each QLoRA/LoRA pair")
+    parser.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
+                        help="also score each QLoRA adapter on the two float32 bases (not a target; `make bench` "
+                        "leaves them out to save time)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = args.out.resolve()
     started = time.perf_counter()
-    results = {"targets": TARGETS, "tasks": {task: run_task(task, out, args.seeds) for task in args.tasks}}
+    results = {"targets": TARGETS, "tasks": {task: run_task(task, out, args.seeds, args.context)
+                                                   for task in args.tasks}}
     results["seconds"] = round(time.perf_counter() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(results, indent=2))

@@ -150,10 +150,18 @@ def _pipeline_runs(data: dict) -> list[dict]:
     return records
 
 
+def _durations(data: dict) -> list[dict]:
+    """The whole `make bench` against its budget (only when every benchmark ran), assets included."""
+    if not data.get("complete"):
+        return []
+    return [_measure("`make bench` wall time, shared assets included / the 25-minute budget (s)",
+                     ("make bench", data["total_seconds"]), ("budget", data["budget_seconds"]), "<= 1.0")]
+
+
 READERS = {"startup.json": _startup, "evaluation.json": _evaluation, "training/training.json": _training,
            "data_stage.json": _data_stage, "serving.json": _serving,
            "training_smollm2/training.json": _training_real, "quality.json": _quality,
-           "pipeline_runs.json": _pipeline_runs}
+           "pipeline_runs.json": _pipeline_runs, "bench_durations.json": _durations}
 
 
 def machine() -> dict:
@@ -181,6 +189,14 @@ def to_markdown(report: dict) -> str:
         sides = " / ".join(f"{name} {value}" for name, value in record["sides"].items())
         met = "" if record.get("target") is None else ("yes" if record["met"] else "**no**")
         lines.append(f"| {record['benchmark']} | {sides} | {record['ratio']} | {record.get('target') or ''} | {met} |")
+    if report.get("durations"):
+        steps = report["durations"]["steps"]
+        lines += ["", "Where the time of `make bench` went (wall time of each step, in run order; `assets` builds the "
+                  "converted SmolLM2 and the demo world when they are not cached yet):", "",
+                  "| step | minutes | |", "|---|---|---|"]
+        lines += [f"| {name} | {step['seconds'] / 60:.1f} | {'ok' if step['ok'] else '**failed**'} |"
+                  for name, step in steps.items()]
+        lines.append(f"| total | {report['durations']['total_seconds'] / 60:.1f} | |")
     if report["missing"]:
         lines += ["", "Not run: " + ", ".join(report["missing"])]
     return "\n".join(lines) + "\n"
@@ -199,6 +215,9 @@ def main() -> None:
             missing.append(name)
     report = {"measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "benchmarks": benchmarks, "missing": missing}
+    durations = args.out / "bench_durations.json"
+    if durations.is_file():
+        report["durations"] = json.loads(durations.read_text())
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     (RESULTS / "latest.md").write_text(to_markdown(report))

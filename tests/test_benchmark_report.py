@@ -58,3 +58,25 @@ def test_quality_over_several_seeds_reports_means_and_is_met_only_when_every_see
                                                              "answer_perplexity_qlora_over_lora": 1.0,
                                                              "exact_match_qlora_minus_lora_points": -1.0}}})
     assert [record["met"] for record in one] == [True, True] and "1 seed," in one[0]["benchmark"]
+
+
+def _durations(total: float, complete: bool = True) -> dict:
+    steps = {"assets": {"seconds": 20.0, "ok": True}, "training": {"seconds": total - 320.0, "ok": True},
+             "serving": {"seconds": 300.0, "ok": False}}
+    return {"steps": steps, "total_seconds": total, "complete": complete, "budget_seconds": 1500}
+
+
+def test_make_bench_is_judged_against_its_25_minute_budget_only_when_every_benchmark_ran():
+    (over,) = report.READERS["bench_durations.json"](_durations(1800.0))
+    assert (over["ratio"], over["target"], over["met"]) == (1.2, "<= 1.0", False)
+    assert over["sides"] == {"make bench": 1800.0, "budget": 1500}
+    (within,) = report.READERS["bench_durations.json"](_durations(1200.0))
+    assert (within["ratio"], within["met"]) == (0.8, True)
+    assert report.READERS["bench_durations.json"](_durations(60.0, complete=False)) == []
+
+
+def test_the_markdown_breaks_the_bench_time_down_by_step_and_flags_a_failed_one():
+    text = report.to_markdown({"measured": "now", "benchmarks": [], "missing": [], "durations": _durations(1800.0),
+                               "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "libraries": {}}})
+    assert "| assets | 0.3 | ok |" in text and "| training | 24.7 | ok |" in text
+    assert "| serving | 5.0 | **failed** |" in text and "| total | 30.0 | |" in text
