@@ -5,7 +5,8 @@ subprocess that imports the server and migrates its SQLite database (6-9 s on 2 
 calling process waits. ``lora-pipeline run`` starts it first, on a thread that only waits for it, and
 meanwhile imports the flow (MLflow and the pipeline's modules, 4-5 s): the two overlap. Prefect's client
 then finds the same server running (``SubprocessASGIServer`` is one instance per port) and uses it; it
-stops at exit as Prefect's own does.
+stops at exit as Prefect's own does. Prefect logs "Starting temporary server on ..." before its logging is
+configured, so the line would be lost: :attr:`TemporaryApiStart.address` gives the CLI the URL to print.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ class TemporaryApiStart:
 
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._server: object | None = None
         if PREFECT_API_URL.value():
             return  # a server is configured (make up, a worker): the flow run uses that one
         from prefect.server.api.server import SubprocessASGIServer
 
-        self._thread = threading.Thread(target=self._start, args=(SubprocessASGIServer(),),
+        self._server = SubprocessASGIServer()
+        self._thread = threading.Thread(target=self._start, args=(self._server,),
                                         name="prefect-temporary-api", daemon=True)
         self._thread.start()
 
@@ -37,6 +40,13 @@ class TemporaryApiStart:
     def started(self) -> bool:
         """Whether a temporary server was started here (False when an API is configured)."""
         return self._thread is not None
+
+    @property
+    def address(self) -> str | None:
+        """The temporary server's URL once started here (its API; Prefect starts it without the UI); None otherwise."""
+        if self._thread is None or self._thread.is_alive() or self.error is not None:
+            return None
+        return self._server.address  # type: ignore[attr-defined]
 
     def _start(self, server: object) -> None:
         try:

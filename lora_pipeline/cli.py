@@ -218,6 +218,9 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
 
     config_path = str(args.config.resolve()) if args.config else None
     api.wait()
+    if api.address:
+        print(f"Prefect: temporary API server on {api.address} for this run only (no UI; it stops when the run ends: "
+              "`make up` keeps a server with its UI running)", file=sys.stderr, flush=True)
     try:  # this process is the flow run's worker: its --config, --set and --summary-json are trusted
         with as_worker(config_path, args.overrides, args.summary_json):
             summary = finetune(config_path=config_path)
