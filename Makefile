@@ -59,9 +59,10 @@ bench-eval: setup
 bench-serve: setup
 	$(BIN)/python -m benchmarks.serving --out outputs/benchmarks
 
-# `make demo` twice on a fresh output dir (the demo world linked in, untimed): non-compute share, re-run / first run.
+# `make demo` twice on a fresh output dir (the demo world linked in, untimed): non-compute share, re-run / first run;
+# then both again against a Prefect server kept running (as after `make up`).
 bench-runs: setup
-	$(BIN)/python -m benchmarks.pipeline_runs --out outputs/benchmarks
+	$(BIN)/python -m benchmarks.pipeline_runs --with-server --out outputs/benchmarks
 
 # QLoRA against LoRA on the float32 base (demo task and SmolLM2; `make bench` runs it too, with seed 0).
 bench-quality: setup

@@ -30,7 +30,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "training": ["benchmarks.training"],
     "data_stage": ["benchmarks.data_stage"],
     "serving": ["benchmarks.serving"],
-    "pipeline_runs": ["benchmarks.pipeline_runs"],
+    "pipeline_runs": ["benchmarks.pipeline_runs", "--with-server"],
     "quality": ["benchmarks.quality", "--tasks", "demo", "smollm2", "--seeds", "0", "--no-context"],
 }
 DURATIONS = "bench_durations.json"

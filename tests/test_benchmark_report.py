@@ -80,3 +80,11 @@ def test_the_markdown_breaks_the_bench_time_down_by_step_and_flags_a_failed_one(
                                "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "libraries": {}}})
     assert "| assets | 0.3 | ok |" in text and "| training | 24.7 | ok |" in text
     assert "| serving | 5.0 | **failed** |" in text and "| total | 30.0 | |" in text
+
+
+def test_runs_against_a_running_prefect_server_get_their_own_rows():
+    data = {**_pipeline_runs([]), "with_running_server": _pipeline_runs([])}
+    data["with_running_server"]["runs"]["rerun"] = {"wall_seconds": 12.0}
+    rows = report.READERS["pipeline_runs.json"](data)
+    assert len(rows) == 4 and all("running Prefect server" in row["benchmark"] for row in rows[2:])
+    assert [(row["ratio"], row["met"]) for row in rows] == [(0.4, False), (0.08, True), (0.4, False), (0.12, False)]
