@@ -54,8 +54,9 @@ QLORA, LORA = "qlora", "lora"
 QLORA_DEQUANTIZED, QLORA_ORIGINAL_FP32 = "qlora_on_dequantized_nf4_base", "qlora_on_original_fp32_base"
 
 
-def prepare(task: str, work: Path):
-    """The task's resolved config and the data and format stages' output, once for every training."""
+def prepare(task: str, work: Path, extra: list[str] = ()):
+    """The task's resolved config (``extra``: further ``--set`` overrides) and the data and format stages'
+    output, once for every training."""
     from lora_pipeline.config_files import load_config
     from lora_pipeline.stages import format_prompts, resolve_assets, validate_data
 
@@ -65,7 +66,7 @@ def prepare(task: str, work: Path):
 
         overrides = [f"model.name_or_path={fetch(CACHE / 'models')}", *overrides]
     # Resolved with output_dir at the cache: the demo world and the converted GGUF are built there once.
-    cfg = resolve_assets(load_config(config, [f"output_dir={CACHE}", *overrides])).config
+    cfg = resolve_assets(load_config(config, [f"output_dir={CACHE}", *overrides, *extra])).config
     cfg = cfg.model_copy(update={"output_dir": work})
     data = validate_data(cfg, work)
     formatted = format_prompts(cfg, Path(data["clean_path"]), work)
@@ -126,14 +127,14 @@ def run_seed(cfg, tokenized: Path, work: Path, seed: int, context: bool = True) 
             "exact_match_qlora_minus_lora_points": round(100 * (qlora["exact_match"] - lora["exact_match"]), 2)}
 
 
-def run_task(task: str, out: Path, seeds: list[int], context: bool = True) -> dict:
+def run_task(task: str, out: Path, seeds: list[int], context: bool = True, extra: list[str] = ()) -> dict:
     from lora_pipeline.evaluate_stage import BASE, FULL_PRECISION_BASE, evaluate
 
     work = out / "quality" / task
     shutil.rmtree(work, ignore_errors=True)  # never reuse a previous run's checkpoints or references
     work.mkdir(parents=True)
     started = time.perf_counter()
-    cfg, tokenized, rows = prepare(task, work)
+    cfg, tokenized, rows = prepare(task, work, extra)
     seconds = {"data_and_format": round(time.perf_counter() - started, 1)}
     result = {"config": {"steps": cfg.train.max_steps, "learning_rate": cfg.train.learning_rate,
                          "batch_size": cfg.train.per_device_batch_size, "lora_r": cfg.lora.r,
@@ -163,12 +164,14 @@ def main() -> None:
     parser.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
                         help="also score each QLoRA adapter on the two float32 bases (not a target; `make bench` "
                         "leaves them out to save time)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every task and both sides, e.g. --set train.max_steps=40")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = args.out.resolve()
     started = time.perf_counter()
-    results = {"targets": TARGETS, "tasks": {task: run_task(task, out, args.seeds, args.context)
+    results = {"targets": TARGETS, "tasks": {task: run_task(task, out, args.seeds, args.context, args.overrides)
                                                    for task in args.tasks}}
     results["seconds"] = round(time.perf_counter() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
