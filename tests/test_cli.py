@@ -231,11 +231,11 @@ if api.started:
 
     server = SubprocessASGIServer()
     assert server.running and httpx.get(server.api_url + "/health").status_code == 200
-    assert api.address == server.address  # what the CLI prints for the user to open
-else:
-    assert api.address is None
+    assert api.address == server.address  # what the CLI prints
     with get_client(sync_client=True) as client:  # what the flow run will talk to: this same server
         print("client", str(client.api_url).rstrip("/") == server.api_url.rstrip("/"))
+else:
+    assert api.address is None
 """
 
 
