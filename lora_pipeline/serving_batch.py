@@ -13,8 +13,10 @@ announced (:meth:`Batcher.arriving`: in the server, being tokenized) and as many
 saw (its own plus those that arrived while it ran), since the clients it has just answered are likely
 sending their next request. A request that expects nobody and finds itself alone lingers
 ``linger_seconds`` (10 ms), as Ray Serve's ``batch_wait_timeout_s`` does, so that clients starting
-together share the first batch (measured: 8 clients' first requests reach the batcher within 7 ms); a
-lone client pays those 10 ms per request.
+together share the first batch; a lone client pays those 10 ms per request. While requests keep coming
+(each within ``linger_seconds`` of the one before), the batch keeps taking them, for ``gather_seconds``
+at most: 8 clients starting together reached the batcher over 23 ms here (2 ms, then 9 ms gaps), and
+without this the first two made a batch of their own and the burst took three batches instead of two.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Batcher(Generic[Item, Result]):
         self._busy = False  # a leader is gathering or running a batch
         self._load = 1  # requests the previous batch saw: its own plus those that queued while it ran
         self._arriving = 0  # announced and not yet queued
+        self._last_arrival = 0.0  # monotonic time the latest request was queued
         self._local = threading.local()  # .announced: this thread's request is counted in _arriving
 
     @property
@@ -111,6 +114,7 @@ class Batcher(Generic[Item, Result]):
                 self._local.announced = False
                 self._arriving -= 1
             self._queue.append(job)
+            self._last_arrival = time.monotonic()
             self._cond.notify_all()  # a leader gathering a batch may be waiting for this one
             while not job.done:
                 if self._busy:
@@ -167,12 +171,14 @@ class Batcher(Generic[Item, Result]):
         started = time.monotonic()
         while self._queue[0].batchable and len(self._queue) < self.max_batch:
             if len(self._queue) < self._expected():
-                limit = self.gather_seconds
-            elif len(self._queue) == 1:
-                limit = self.linger_seconds
+                deadline = started + self.gather_seconds
+            elif len(self._queue) == 1 or self._last_arrival > started:
+                # Alone, or company arrived while gathering: wait while requests keep coming.
+                deadline = min(self._last_arrival + self.linger_seconds,
+                               started + max(self.gather_seconds, self.linger_seconds))
             else:
                 break
-            left = started + limit - time.monotonic()
+            left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._cond.wait(left)

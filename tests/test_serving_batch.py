@@ -287,6 +287,30 @@ def test_a_batch_waits_for_an_announced_request_and_no_longer_once_it_is_withdra
     assert time.monotonic() - started < 10  # far from gather_seconds
 
 
+def test_a_burst_arriving_a_few_ms_apart_shares_one_batch_and_runs_once_arrivals_pause():
+    """Clients starting together reach the batcher spread over milliseconds: the first request expects nobody,
+    yet keeps taking requests while each comes within linger_seconds of the one before (full: it runs at once);
+    when they stop coming it runs linger_seconds after the last, not gather_seconds after the first."""
+    batches: list[list[str]] = []
+    batcher: Batcher[str, str] = Batcher(lambda items: batches.append(list(items)) or list(items), max_batch=4,
+                                         gather_seconds=20, linger_seconds=0.5)
+
+    def burst(names: list[str]) -> float:
+        started = time.monotonic()
+        with ThreadPoolExecutor(len(names)) as pool:
+            futures = []
+            for name in names:
+                futures.append(pool.submit(batcher.submit, name, True))
+                time.sleep(0.05)  # well within linger_seconds of the one before
+            assert [future.result(timeout=30) for future in futures] == names
+        return time.monotonic() - started
+
+    assert burst(["a", "b", "c", "d"]) < 10 and batches == [["a", "b", "c", "d"]]
+    batches.clear()
+    batcher._load = 1  # a new burst after a lone client  # noqa: SLF001 - the state a lone client leaves
+    assert burst(["e", "f"]) < 10 and batches == [["e", "f"]]  # arrivals paused: no wait for gather_seconds
+
+
 def test_a_lone_client_waits_only_the_short_linger_never_gather_seconds(tokenizer):
     """With one client the batch is the request itself: it expects nobody, so gather_seconds never applies."""
     model = ScriptedModel([50, tokenizer.eos_token_id], tokenizer.eos_token_id)
@@ -333,7 +357,9 @@ def test_shutting_the_server_down_with_batched_requests_in_flight_does_not_hang(
         thread.join(timeout=30)
         assert not thread.is_alive(), "the server did not stop"
         assert list(statuses) == [200] * 8
-    assert len(gate.batch_sizes) == 2 and sum(gate.batch_sizes) == 8  # the first batch (linger), the rest
+    # The first batch takes what arrived while it lingered (all eight when they came close enough together),
+    # the second the rest: the shutdown waited for every one.
+    assert len(gate.batch_sizes) <= 2 and sum(gate.batch_sizes) == 8
 
 
 def test_serve_passes_max_batch_to_every_version_it_loads_and_refuses_zero(monkeypatch, tmp_path, capsys):
