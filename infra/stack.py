@@ -51,7 +51,8 @@ def _create_database(server_url: str, name: str, *, drop: bool = False) -> None:
             connection.execute(f'CREATE DATABASE "{name}"')
 
 
-def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; exit with the tail of ``log`` if ``process`` dies or time runs out."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -65,7 +66,8 @@ def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float) -
         time.sleep(1)
 
 
-def _start(name: str, command: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
+def start_service(name: str, command: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
+    """Start ``command`` from the repository root in its own session, its output appended to ``logs/<name>.log``."""
     log = logs / f"{name}.log"
     handle = log.open("ab")
     # Its own session: `down` stops the whole process group (uvicorn and gunicorn workers included).
@@ -92,26 +94,28 @@ def up(args: argparse.Namespace) -> dict[str, str]:
     tracking_url = f"http://127.0.0.1:{args.mlflow_port}"
     base = {**os.environ, **_worker_defaults(), "PREFECT_HOME": str(state / "prefect-home")}
     pids = {}
-    server = _start("prefect-server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                       str(args.prefect_port)],
-                    # The UI tells the browser where its API is: this server's port, not Prefect's default 4200.
-                    {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db, "PREFECT_UI_API_URL": api_url}, logs)
+    server = start_service("prefect-server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                              str(args.prefect_port)],
+                           # The UI tells the browser where its API is: this server's port, not Prefect's default 4200.
+                           {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db, "PREFECT_UI_API_URL": api_url},
+                           logs)
     pids["prefect-server"] = server.pid
     # MLflow 3's job runner (GenAI judges and optimisation: seven huey consumer processes) is not used here.
-    mlflow = _start("mlflow-server", [_bin("mlflow"), "server", "--backend-store-uri", mlflow_db, "--serve-artifacts",
-                                      "--artifacts-destination", str(state / "mlartifacts"), "--host", "127.0.0.1",
-                                      "--port", str(args.mlflow_port), "--workers", "1"],
-                    {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, logs)
+    mlflow = start_service("mlflow-server",
+                           [_bin("mlflow"), "server", "--backend-store-uri", mlflow_db, "--serve-artifacts",
+                            "--artifacts-destination", str(state / "mlartifacts"), "--host", "127.0.0.1",
+                            "--port", str(args.mlflow_port), "--workers", "1"],
+                           {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, logs)
     pids["mlflow-server"] = mlflow.pid
     (state / "pids.json").write_text(json.dumps(pids))
-    _wait_http(f"{api_url}/health", server, logs / "prefect-server.log", args.timeout)
-    _wait_http(f"{tracking_url}/health", mlflow, logs / "mlflow-server.log", args.timeout)
+    wait_healthy(f"{api_url}/health", server, logs / "prefect-server.log", args.timeout)
+    wait_healthy(f"{tracking_url}/health", mlflow, logs / "mlflow-server.log", args.timeout)
     clients = {"PREFECT_API_URL": api_url, "MLFLOW_TRACKING_URI": tracking_url}
     worker_env = {**base, **clients}
     if args.config_roots:
         worker_env["LORA_PIPELINE_CONFIG_ROOTS"] = args.config_roots
-    worker = _start("prefect-worker", [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-                                       "--name", f"{WORK_POOL}-local"], worker_env, logs)
+    worker = start_service("prefect-worker", [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type",
+                                              "process", "--name", f"{WORK_POOL}-local"], worker_env, logs)
     pids["prefect-worker"] = worker.pid
     (state / "pids.json").write_text(json.dumps(pids))
     _wait_worker(api_url, worker, logs / "prefect-worker.log", args.timeout)
@@ -147,7 +151,7 @@ def down(args: argparse.Namespace) -> None:
         return
     pids = json.loads(pids_file.read_text())
     for pid in reversed(list(pids.values())):  # the worker first, then the servers
-        _stop_group(pid)
+        stop_process_group(pid)
     pids_file.unlink()
     postgres = args.postgres or os.environ.get(POSTGRES_ENV)
     if args.drop and postgres:
@@ -156,7 +160,8 @@ def down(args: argparse.Namespace) -> None:
     print(f"stack down ({', '.join(pids)})")
 
 
-def _stop_group(pid: int) -> None:
+def stop_process_group(pid: int) -> None:
+    """TERM the process group led by ``pid``; KILL it if it is still there after 20 s."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
