@@ -163,7 +163,7 @@ def _timings(summary: dict, started: float, written: float, ended: float, marks:
 @contextmanager
 def running_prefect_server(state: Path, port: int = 4281) -> Iterator[str]:
     """A Prefect server on loopback (SQLite under ``state``), as ``make up`` starts it; yields its API URL."""
-    from infra.stack import start_service, stop_process_group, wait_healthy
+    from infra.stack import prefect_server_command, start_service, stop_process_group, wait_healthy
 
     logs = state / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -171,9 +171,7 @@ def running_prefect_server(state: Path, port: int = 4281) -> Iterator[str]:
     env = {**os.environ, "PREFECT_HOME": str(state / "prefect-home"),
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{state / 'prefect.db'}"}
     env.pop("PREFECT_API_URL", None)
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    server = start_service("prefect-server", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                           env, logs)
+    server = start_service("prefect-server", prefect_server_command(port), env, logs)
     try:
         wait_healthy(f"{api_url}/health", server, logs / "prefect-server.log", timeout=180)
         yield api_url

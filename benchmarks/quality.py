@@ -33,6 +33,7 @@ import logging
 import shutil
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.evaluation import CACHE
@@ -54,7 +55,7 @@ QLORA, LORA = "qlora", "lora"
 QLORA_DEQUANTIZED, QLORA_ORIGINAL_FP32 = "qlora_on_dequantized_nf4_base", "qlora_on_original_fp32_base"
 
 
-def prepare(task: str, work: Path, extra: list[str] = ()):
+def prepare(task: str, work: Path, extra: Sequence[str] = ()):
     """The task's resolved config (``extra``: further ``--set`` overrides) and the data and format stages'
     output, once for every training."""
     from lora_pipeline.config_files import load_config
@@ -127,7 +128,7 @@ def run_seed(cfg, tokenized: Path, work: Path, seed: int, context: bool = True) 
             "exact_match_qlora_minus_lora_points": round(100 * (qlora["exact_match"] - lora["exact_match"]), 2)}
 
 
-def run_task(task: str, out: Path, seeds: list[int], context: bool = True, extra: list[str] = ()) -> dict:
+def run_task(task: str, out: Path, seeds: list[int], context: bool = True, extra: Sequence[str] = ()) -> dict:
     from lora_pipeline.evaluate_stage import BASE, FULL_PRECISION_BASE, evaluate
 
     work = out / "quality" / task

@@ -34,6 +34,11 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def prefect_server_command(port: int) -> list[str]:
+    """``prefect server start`` on loopback at ``port``, as ``up`` runs it (its database comes from the environment)."""
+    return [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
 def _worker_defaults() -> dict[str, str]:
     lines = WORKER_ENV_FILE.read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
@@ -94,8 +99,7 @@ def up(args: argparse.Namespace) -> dict[str, str]:
     tracking_url = f"http://127.0.0.1:{args.mlflow_port}"
     base = {**os.environ, **_worker_defaults(), "PREFECT_HOME": str(state / "prefect-home")}
     pids = {}
-    server = start_service("prefect-server", [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                              str(args.prefect_port)],
+    server = start_service("prefect-server", prefect_server_command(args.prefect_port),
                            # The UI tells the browser where its API is: this server's port, not Prefect's default 4200.
                            {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db, "PREFECT_UI_API_URL": api_url},
                            logs)
