@@ -3,10 +3,12 @@ greedy requests) on a real HTTP server (uvicorn on loopback, in a child process 
 front of the real-model fixture (SmolLM2-135M-Instruct, de-quantised to float32, its whole stop set as a
 registered model carries it). The same chat prompts (the package's general prompts, greedy, ``max_tokens`` 32)
 are sent by one client, one after another, then by 8 concurrent clients. Completion tokens/s of each side, their
-ratio (target: >= 3x), the batch sizes the model saw, and whether every answer (text, finish reason, usage) is
-identical on both sides.
+ratio (target: >= 3x), the batch sizes the model saw, how many prompt tokens each generate() call took from
+``serve``'s prefix cache (``--no-reuse-prefix``: the server prefills every prompt whole), and whether every answer
+(text, finish reason, usage) is identical on both sides.
 
-Usage: ``.venv/bin/python -m benchmarks.serving [--prompts 16] [--clients 8] [--repeats 3] [--threads N] [--out DIR]``
+Usage: ``.venv/bin/python -m benchmarks.serving [--prompts 16] [--clients 8] [--repeats 3] [--threads N]
+[--no-reuse-prefix] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from benchmarks.evaluation import CACHE, RESOURCES, real_model_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
-def serve(port: int, batch_log: Path, threads: int | None) -> None:
-    """The child: SmolLM2 behind ``build_app`` on 127.0.0.1:``port``; each generate() call's batch size goes to
-    ``batch_log``, one line per call."""
+def serve(port: int, batch_log: Path, threads: int | None, reuse_prefix: bool) -> None:
+    """The child: SmolLM2 behind ``build_app`` on 127.0.0.1:``port``; each generate() call's batch size and the
+    prefix tokens it took from the prefix cache go to ``batch_log``, one line per call."""
     import torch
     import uvicorn
     from transformers import AutoModelForCausalLM
@@ -48,16 +50,20 @@ def serve(port: int, batch_log: Path, threads: int | None) -> None:
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
     # The whole stop set, as a registered (merged) model carries it (lora_pipeline.merge).
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
+    generator = TextGenerator(model, tokenizer, reuse_prefix=reuse_prefix)
+    cache_argument = generator.prefix_cache.argument if generator.prefix_cache is not None else None
     generate = model.generate
 
     def logged_generate(**kwargs):
+        prefix = kwargs.get(cache_argument) if cache_argument else None
         with batch_log.open("a") as log:
-            log.write(f"{len(kwargs['input_ids'])}\n")
+            log.write(f"{len(kwargs['input_ids'])} {prefix.get_seq_length() if prefix is not None else 0}\n")
         return generate(**kwargs)
 
     model.generate = logged_generate
-    info = {"weights": model_dir.name, "torch_threads": str(torch.get_num_threads())}  # reported by /health
-    app = build_app(FixedModel(TextGenerator(model, tokenizer), info), "smollm2@bench")
+    info = {"weights": model_dir.name, "torch_threads": str(torch.get_num_threads()),  # reported by /health
+            "reuse_prefix": str(reuse_prefix)}
+    app = build_app(FixedModel(generator, info), "smollm2@bench")
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -84,7 +90,7 @@ def run_side(url: str, prompts: list[list[dict]], max_tokens: int, clients: int)
     return time.perf_counter() - started, replies
 
 
-def start_server(out: Path, threads: int | None) -> tuple[subprocess.Popen, str, Path]:
+def start_server(out: Path, threads: int | None, reuse_prefix: bool) -> tuple[subprocess.Popen, str, Path]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -93,6 +99,8 @@ def start_server(out: Path, threads: int | None) -> tuple[subprocess.Popen, str,
     command = [sys.executable, "-m", "benchmarks.serving", "--_serve", str(port), str(batch_log)]
     if threads:
         command += ["--threads", str(threads)]
+    if not reuse_prefix:
+        command.append("--no-reuse-prefix")
     server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -116,11 +124,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="the server's torch threads (default: torch's own)")
+    parser.add_argument("--reuse-prefix", action=argparse.BooleanOptionalAction, default=True,
+                        help="the server keeps the shared prompt prefix's KV cache (serve's default)")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
     parser.add_argument("--_serve", nargs=2, metavar=("PORT", "BATCH_LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._serve:
-        serve(int(args._serve[0]), Path(args._serve[1]), args.threads)
+        serve(int(args._serve[0]), Path(args._serve[1]), args.threads, args.reuse_prefix)
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +139,7 @@ def main() -> None:
     timings: dict[str, list[float]] = {"one_client": [], "concurrent": []}
     replies: dict[str, list[dict]] = {}
     load_before = os.getloadavg()[0]  # other work on the machine skews both sides: recorded with the result
-    server, url, batch_log = start_server(args.out, args.threads)
+    server, url, batch_log = start_server(args.out, args.threads, args.reuse_prefix)
     try:
         health = http(f"{url}/health")
         chat(url, prompts[0], 4)  # warm-up: first-call allocations, the server's first connection
@@ -141,7 +151,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    batch_sizes = Counter(int(line) for line in batch_log.read_text().split())
+    calls = [line.split() for line in batch_log.read_text().splitlines()]
+    batch_sizes = Counter(int(size) for size, _ in calls)
+    prefix_tokens = Counter(int(prefix) for _, prefix in calls)
     batch_log.unlink()
     tokens = {side: sum(reply["usage"]["completion_tokens"] for reply in side_replies)
               for side, side_replies in replies.items()}
@@ -158,6 +170,9 @@ def main() -> None:
               "speedup": round(per_second["concurrent"] / per_second["one_client"], 2), "target": ">= 3.0",
               # every generate() call of all repeats, both sides (the one-client side's are all batches of 1)
               "batch_sizes": dict(sorted(batch_sizes.items())),
+              # prompt tokens each generate() call took from the prefix cache (0: prefilled whole)
+              "reuse_prefix": health["reuse_prefix"] == "True",
+              "prefix_tokens_reused": dict(sorted(prefix_tokens.items())),
               "answers_differing": differing,
               "examples": [{"one_client": replies["one_client"][i], "concurrent": replies["concurrent"][i]}
                            for i in differing[:3]]}

@@ -7,8 +7,10 @@ version behind ``NAME@ALIAS`` is loaded from the MLflow registry (merged or adap
 alias is followed: a promotion or rollback swaps the new version in without dropping requests.
 Greedy requests (``temperature`` 0, no ``seed``) waiting for the model are generated together, up to
 ``max_batch`` in one left-padded ``generate`` (:mod:`lora_pipeline.serving_batch`), each answer the same
-as alone; a sampled or seeded request runs alone, as reproducible per seed as before. Generation stops
-at every id of the model's generation config (its whole stop set).
+as alone; a sampled or seeded request runs alone, as reproducible per seed as before. The prefix that
+requests share (e.g. the chat template's system prompt) is prefilled once and its KV cache reused
+(:mod:`lora_pipeline.serving_prefix`). Generation stops at every id of the model's generation config (its
+whole stop set).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pydantic import BaseModel, Field
 from lora_pipeline.formatting import encode_generation_prompt
 from lora_pipeline.serving_batch import (DEFAULT_GATHER_SECONDS, DEFAULT_LINGER_SECONDS, DEFAULT_MAX_BATCH,
                                           Batcher, generate_rows)
+from lora_pipeline.serving_prefix import PrefixCache, cache_argument
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +88,14 @@ class TextGenerator:
         max_batch: Greedy requests generated together at most (1: one at a time).
         gather_seconds, linger_seconds: How long a batch waits for requests on their way
             (:mod:`lora_pipeline.serving_batch`).
+        reuse_prefix: Keep the KV cache of the prompt prefix requests share (e.g. the chat template's system
+            prompt) and prefill only the rest (:mod:`lora_pipeline.serving_prefix`); models that take no
+            cache are generated as before.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = DEFAULT_MAX_BATCH,
                  gather_seconds: float = DEFAULT_GATHER_SECONDS,
-                 linger_seconds: float = DEFAULT_LINGER_SECONDS) -> None:
+                 linger_seconds: float = DEFAULT_LINGER_SECONDS, reuse_prefix: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         eos = model.generation_config.eos_token_id
@@ -98,6 +104,7 @@ class TextGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         config = getattr(model, "config", None)
         self.context_window: int | None = getattr(config, "max_position_embeddings", None)
+        self.prefix_cache = PrefixCache(model) if reuse_prefix and cache_argument(model) else None
         self.batcher: Batcher[tuple[list[int], _SamplingRequest], GenerationResult] = Batcher(
             self._generate_batch, max_batch, can_join=self._fits_together, gather_seconds=gather_seconds,
             linger_seconds=linger_seconds)
@@ -142,7 +149,7 @@ class TextGenerator:
         if request.seed is not None:
             torch.manual_seed(request.seed)
         rows = generate_rows(self.model, [prompt for prompt, _ in jobs], [job.max_tokens for _, job in jobs],
-                             stop_ids=self.eos_ids, pad_id=self.pad_id, **options)
+                             stop_ids=self.eos_ids, pad_id=self.pad_id, prefix_cache=self.prefix_cache, **options)
         return [self._result(new_tokens, prompt) for new_tokens, (prompt, _) in zip(rows, jobs, strict=True)]
 
     def _result(self, new_tokens: list[int], prompt_ids: list[int]) -> GenerationResult:

@@ -31,6 +31,8 @@ from typing import Any, Generic, TypeVar
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from lora_pipeline.serving_prefix import PrefixCache
+
 #: Requests generated together at most (``serve --max-batch``).
 DEFAULT_MAX_BATCH = 8
 #: Longest a batch that is not full waits for the requests it expects (see the module docstring).
@@ -206,14 +208,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: Any = None) 
 
 @torch.no_grad()
 def generate_rows(model: Any, prompts: Sequence[Sequence[int]], budgets: Sequence[int], *, stop_ids: Iterable[int],
-                  pad_id: int, **options: Any) -> list[list[int]]:
+                  pad_id: int, prefix_cache: PrefixCache | None = None, **options: Any) -> list[list[int]]:
     """One ``model.generate`` for ``prompts`` left-padded together: each row's new tokens, cut at its own budget.
 
-    A lone prompt is generated unpadded, exactly as before batching. A row done before the others (a stop id,
-    its budget) is followed by pad ids: callers cut at the first stop id.
+    A lone prompt is generated unpadded, as before batching. A row done before the others (a stop id, its
+    budget) is followed by pad ids: callers cut at the first stop id. With ``prefix_cache``, the prefix every
+    prompt shares comes from it and only the rest is prefilled: each row is the prefix, then its own tokens
+    left-padded (the padding, masked out, sits between the two; position ids follow the mask).
     """
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    shared, cache = prefix_cache.take(prompts) if prefix_cache is not None else (0, None)
+    input_ids, attention_mask = left_pad([prompt[shared:] for prompt in prompts], pad_id, device)
+    if shared:
+        prefix = torch.tensor([list(prompts[0][:shared])] * len(prompts), dtype=torch.long, device=device)
+        input_ids = torch.cat([prefix, input_ids], dim=1)
+        attention_mask = torch.cat([torch.ones_like(prefix), attention_mask], dim=1)
+        options[prefix_cache.argument] = cache  # type: ignore[union-attr]
     width = input_ids.shape[1]
     if len(set(budgets)) > 1:  # each row stops at its own budget, the batch once every row is done
         options["stopping_criteria"] = StoppingCriteriaList([RowBudgets(width, budgets)])
