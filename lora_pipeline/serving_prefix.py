@@ -6,12 +6,13 @@ prefill over that prefix again. A :class:`PrefixCache` keeps the keys and values
 hands a copy to each batch whose prompts all start with it, so that ``generate`` runs the prefill over
 each request's own tokens only, as vLLM's automatic prefix caching does (for one prefix, not a tree).
 
-Which prefix: the tokens the latest batch shares with the prefix kept so far, when there are at least
-``min_tokens`` of them; otherwise the prefix the batch's own prompts share (a lone prompt: all of it
-but its last token), which a later request then narrows to what they have in common. A batch that
-shares too little with anything is generated as before and leaves the kept prefix alone. Only models
-whose cache is a plain ``DynamicCache`` of full-attention layers take part; others (sliding-window,
-recurrent layers) are generated as before.
+Which prefix: one that requests have been seen to share, of at least ``min_tokens`` tokens. A batch
+whose prompts all start with the kept prefix takes it. Otherwise the tokens its prompts share with the
+kept prefix, or with the previous request's prompt, or among themselves (in that order: the shorter,
+older prefix is the likelier to serve the next requests too) are prefilled once and kept instead. A
+request that shares too little with anything is generated as before, in one prefill, and leaves the kept
+prefix alone. Only models whose cache is a plain ``DynamicCache`` of full-attention layers take part;
+others (sliding-window, recurrent layers) are generated as before.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ class PrefixCache:
             raise ValueError(f"{type(model).__name__} takes no KV cache: no prefix can be reused")
         self.model, self.min_tokens, self.argument = model, min_tokens, argument
         self.enabled = True  # off for good once the model's cache turns out not to be plain full attention
-        self.ids: list[int] = []
-        self._cache: Any = None
+        self.ids: list[int] = []  # the kept prefix
+        self._cache: Any = None  # its KV cache
+        self._previous: list[int] = []  # the previous request's prompt: the next one may share its start
 
     def take(self, prompts: Sequence[Sequence[int]]) -> tuple[int, Any]:
         """``(length, cache)``: how many leading tokens of every prompt ``cache`` holds, and a copy of it
@@ -76,13 +78,13 @@ class PrefixCache:
             return 0, None
         room = min(len(prompt) for prompt in prompts) - 1  # each row keeps a token of its own to prefill
         kept = len(self.ids)
+        previous, self._previous = self._previous, list(prompts[0])
         if not (0 < kept <= room and all(list(prompt[:kept]) == self.ids for prompt in prompts)):
-            length = min(room, common_prefix_length(prompts))
-            if self.ids:
-                shared_with_kept = min(length, common_prefix_length([self.ids, prompts[0]]))
-                if shared_with_kept >= self.min_tokens:
-                    length = shared_with_kept
-            if length < self.min_tokens:
+            shared = [min(room, common_prefix_length([seen, *prompts])) for seen in (self.ids, previous) if seen]
+            if len(prompts) > 1:
+                shared.append(min(room, common_prefix_length(prompts)))
+            length = next((length for length in shared if length >= self.min_tokens), 0)
+            if not length:
                 return 0, None
             cache = self._prefill(list(prompts[0][:length]))
             if cache is None:

@@ -65,11 +65,11 @@ def test_a_shared_prefix_is_prefilled_once_and_every_answer_is_as_without_it(tok
     expected = [plain._generate_batch([(prompt, request)])[0] for prompt in prompts]
 
     prefills = _record_prefills(model)
-    # The first request keeps its own prompt (all but its last token); the second narrows it to the shared part.
+    # The first request is prefilled whole (nothing seen to share yet); the second shares the first's start:
+    # that prefix is prefilled once and kept, then the second request's own tokens.
     assert [cached._generate_batch([(prompt, request)])[0] for prompt in prompts[:2]] == expected[:2]
     assert cached.prefix_cache.ids == prompts[0][:shared]
-    # (Calls of one token, the first request's last one and every decoding step, are not recorded.)
-    assert prefills == [len(prompts[0]) - 1, shared, len(prompts[1]) - shared]
+    assert prefills == [len(prompts[0]), shared, len(prompts[1]) - shared]  # (decoding steps, 1 token: not recorded)
     prefills.clear()
     # From then on, alone or batched (left-padded behind the prefix), only each request's own tokens are prefilled.
     assert cached._generate_batch([(prompts[2], request)]) == [expected[2]]
@@ -80,6 +80,7 @@ def test_a_shared_prefix_is_prefilled_once_and_every_answer_is_as_without_it(tok
 
 
 def test_other_instructions_replace_the_prefix_and_unrelated_prompts_leave_it(tokenizer, tiny_model_dir):
+    """Batches: by what their prompts share. Lone requests: by what each shares with the one before."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     cached, plain = TextGenerator(model, tokenizer), TextGenerator(model, tokenizer, reuse_prefix=False)
     request = CompletionRequest(prompt="x", max_tokens=8)
@@ -93,6 +94,14 @@ def test_other_instructions_replace_the_prefix_and_unrelated_prompts_leave_it(to
         if prompts is first:
             assert cached.prefix_cache.ids == first[0][:common_prefix_length(first)]
     assert cached.prefix_cache.ids == second[0][:common_prefix_length(second)]  # short ones shared too little
+    lone = [first[0], *short, first[1]]  # back to the first instructions, with an unrelated request between
+    expected = [plain._generate_batch([(p, request)])[0] for p in lone]
+    prefills = _record_prefills(model)
+    assert [cached._generate_batch([(p, request)])[0] for p in lone] == expected
+    assert cached.prefix_cache.ids == second[0][:common_prefix_length(second)]  # nothing shared twice in a row
+    assert prefills == [len(p) for p in lone]  # each prefilled whole, in one call
+    assert cached._generate_batch([(first[1], request)]) == plain._generate_batch([(first[1], request)])
+    assert cached.prefix_cache.ids == first[1][:common_prefix_length([first[1], first[1][:-1]])]
 
 
 def test_chat_requests_over_http_answer_as_without_the_cache(tokenizer, tiny_model_dir):
