@@ -66,6 +66,8 @@ class PrefixCache:
         if argument is None:
             raise ValueError(f"{type(model).__name__} takes no KV cache: no prefix can be reused")
         self.model, self.min_tokens, self.argument = model, min_tokens, argument
+        # The prefix's logits are never read: only the last position's are computed, where the model allows it.
+        self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.enabled = True  # off for good once the model's cache turns out not to be plain full attention
         self.ids: list[int] = []  # the kept prefix
         self._cache: Any = None  # its KV cache
@@ -103,8 +105,8 @@ class PrefixCache:
         cache = DynamicCache(config=self.model.config)
         device = next(self.model.parameters()).device
         options: dict[str, Any] = {self.argument: cache, "use_cache": True}
-        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
-            options["logits_to_keep"] = 1  # the prefix's logits are never read
+        if self._last_logits_only:
+            options["logits_to_keep"] = 1
         self.model(input_ids=torch.tensor([ids], device=device), **options)
         # Copying, repeating and continuing are exact for full-attention layers only (not sliding windows,
         # not recurrent states): any other model is generated as before.
