@@ -140,9 +140,9 @@ def run_task(task: str, out: Path, seeds: list[int], context: bool = True, extra
     result = {"config": {"steps": cfg.train.max_steps, "learning_rate": cfg.train.learning_rate,
                          "batch_size": cfg.train.per_device_batch_size, "lora_r": cfg.lora.r,
                          "quant": f"{cfg.quant.quant_type}, double quant {cfg.quant.double_quant}", **rows},
-              # The base as the evaluate stage scores it: quantised as for training, and in float32.
-              "base": {label: _summary(evaluate(cfg, work, label)) for label in (BASE, FULL_PRECISION_BASE)},
               "seeds": {}}
+    if context:  # the base as the evaluate stage scores it, quantised as for training and in float32: context only
+        result["base"] = {label: _summary(evaluate(cfg, work, label)) for label in (BASE, FULL_PRECISION_BASE)}
     seconds["base_evaluations"] = round(time.perf_counter() - started - seconds["data_and_format"], 1)
     for seed in seeds:
         result["seeds"][str(seed)] = run_seed(cfg, tokenized, work, seed, context)
@@ -163,8 +163,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed of each QLoRA/LoRA pair")
     parser.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
-                        help="also score each QLoRA adapter on the two float32 bases (not a target; `make bench` "
-                        "leaves them out to save time)")
+                        help="also score the base (4-bit and float32) and each QLoRA adapter on the two float32 "
+                        "bases (not a target; `make bench` leaves them out to save time)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every task and both sides, e.g. --set train.max_steps=40")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
