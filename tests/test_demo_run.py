@@ -12,32 +12,41 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.cpu_turns import exclusive_cpu, without_thread_caps
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
 
-def _run_demo(output_dir: Path, summary: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run_demo(output_dir: Path, summary: Path, cwd: Path, *extra: str, exclusive: bool = False
+              ) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "lora_pipeline.cli", "run", "--config", str(DEMO_CONFIG),
                "--set", f"output_dir={output_dir}", "--summary-json", str(summary), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**(without_thread_caps(dict(os.environ)) if exclusive else os.environ), "PYTHONPATH": str(REPO)}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """Two demo runs on one output dir: the first builds the world, the second must reuse it."""
+    """Two demo runs on one output dir: the first builds the world, the second must reuse it.
+
+    The first run has the CPU to itself, on all its threads (tests/helpers/cpu_turns.py): its world
+    pre-trains on two threads, which another worker's test on the other core would slow many times over.
+    """
     root = tmp_path_factory.mktemp("demo")
     cwd = root / "cwd"
     cwd.mkdir()
     runs = []
     for attempt in ("first", "second"):
         summary_path = root / f"{attempt}.json"
-        proc = _run_demo(root / "outputs", summary_path, cwd)
+        with exclusive_cpu() if attempt == "first" else nullcontext():
+            proc = _run_demo(root / "outputs", summary_path, cwd, exclusive=attempt == "first")
         assert proc.returncode == 0, f"{attempt} demo run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         runs.append(json.loads(summary_path.read_text()))
     return root, cwd, runs
