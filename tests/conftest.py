@@ -55,6 +55,7 @@ def worker_group(nodeid: str) -> str:
     return OPS_STACK_GROUP if path in OPS_STACK_FILES else path
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: a run without the plugin (-p no:xdist) ignores it
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's file scheduling, with the operations stack's files as one group, in collection order."""
     from xdist.scheduler import LoadScopeScheduling
