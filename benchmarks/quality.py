@@ -143,7 +143,7 @@ def run_task(task: str, out: Path, seeds: list[int], context: bool = True, extra
               "seeds": {}}
     if context:  # the base as the evaluate stage scores it, quantised as for training and in float32: context only
         result["base"] = {label: _summary(evaluate(cfg, work, label)) for label in (BASE, FULL_PRECISION_BASE)}
-    seconds["base_evaluations"] = round(time.perf_counter() - started - seconds["data_and_format"], 1)
+        seconds["base_evaluations"] = round(time.perf_counter() - started - seconds["data_and_format"], 1)
     for seed in seeds:
         result["seeds"][str(seed)] = run_seed(cfg, tokenized, work, seed, context)
         print(f"{task} seed {seed}: {json.dumps(result['seeds'][str(seed)])}", flush=True)

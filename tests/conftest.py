@@ -51,7 +51,7 @@ LAST_GROUPS = (OPS_STACK_GROUP, "tests/test_flow_e2e.py", "tests/test_real_model
 
 def worker_group(nodeid: str) -> str:
     """The group a test goes to a worker with: its file's, or the operations stack's."""
-    path = nodeid.split("::", 1)[0].split("@", 1)[0]
+    path = nodeid.split("::", 1)[0]
     return OPS_STACK_GROUP if path in OPS_STACK_FILES else path
 
 
