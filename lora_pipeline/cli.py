@@ -199,6 +199,11 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
         return 2
     for key, value in _PROCESS_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Imported late: Prefect reads the environment at import. A temporary Prefect server (when no API is
+    # configured) starts now and comes up while the preflight runs and the flow's modules import.
+    from flows.temporary_api import TemporaryApiStart
+
+    api = TemporaryApiStart()
     from lora_pipeline import stages
     from lora_pipeline.formatting import FormatError
 
@@ -207,17 +212,23 @@ def _run(args: argparse.Namespace, cfg: PipelineConfig) -> int:
     except (FormatError, OSError, ValueError) as exc:  # an untrainable tokenizer, a model that cannot load
         print(f"error: model.name_or_path={cfg.model.name_or_path}: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    # Imported late: Prefect reads the environment at import. Prefect's temporary server (when no API is
-    # configured) starts while the flow's modules import.
-    from flows.temporary_api import TemporaryApiStart
-
-    api = TemporaryApiStart()
     from flows.finetune import finetune
 
     from lora_pipeline.run_request import as_worker
 
     config_path = str(args.config.resolve()) if args.config else None
-    api.wait()
+    if api.started:  # the server takes longer to start than the imports: meanwhile, open the MLflow store
+        from lora_pipeline import tracking
+
+        try:
+            tracking.open_local_store(tracking.resolve_tracking_uri(cfg.mlflow, cfg.output_dir))
+        except Exception:  # noqa: BLE001 - the run's open_tracking_run task reports it, with its retries
+            pass
+    try:
+        api.wait()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if api.address:
         print(f"Prefect: temporary API server on {api.address} for this run only (no UI; it stops when the run ends: "
               "`make up` keeps a server with its UI running)", file=sys.stderr, flush=True)

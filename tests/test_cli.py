@@ -1,6 +1,7 @@
 """The CLI refuses bad configs and missing inputs before any work starts, naming the key or path."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,8 @@ def test_the_flow_imports_no_model_library_until_a_stage_computes():
 
 _TEMPORARY_API_PROBE = """
 import sys
+import threading
+
 from flows.temporary_api import TemporaryApiStart
 
 api = TemporaryApiStart()
@@ -227,31 +230,93 @@ if api.started:
     assert api.error is None, api.error
     import httpx
     from prefect.client.orchestration import get_client
-    from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
-    assert server.running and httpx.get(server.api_url + "/health").status_code == 200
-    assert api.address == server.address  # what the CLI prints
-    with get_client(sync_client=True) as client:  # what the flow run will talk to: this same server
-        print("client", str(client.api_url).rstrip("/") == server.api_url.rstrip("/"))
+    assert httpx.get(api.address + "/api/health").status_code == 200
+
+    def client_url():
+        with get_client(sync_client=True) as client:  # what the flow run will talk to: this same server
+            return str(client.api_url).rstrip("/")
+
+    print("client", client_url() == api.address + "/api")
+    seen = []  # Prefect's log and event workers have threads of their own: they must find it too
+    worker = threading.Thread(target=lambda: seen.append(client_url()))
+    worker.start()
+    worker.join()
+    print("thread", seen == [api.address + "/api"])
+    # the point: this process never imports the server's own modules (FastAPI app, ORM, routes)
+    print("server modules", sorted(m for m in sys.modules if m.startswith("prefect.server.api")))
+    api.stop()
+    try:
+        httpx.get(api.address + "/api/health")
+        print("stopped False")
+    except httpx.ConnectError:
+        print("stopped True")
 else:
+    import os
+
     assert api.address is None
+    from prefect.settings import PREFECT_API_URL
+
+    print("api", PREFECT_API_URL.value())
+    try:  # a server started before the profile was read is stopped and reaped
+        os.waitpid(-1, os.WNOHANG)
+        print("children left")
+    except ChildProcessError:
+        print("children none")
 """
 
 
-@pytest.mark.parametrize("api_url", [None, "http://127.0.0.1:9/api"])
-def test_run_starts_the_temporary_prefect_server_beside_its_imports_unless_an_api_is_configured(api_url, tmp_path):
-    """`lora-pipeline run` without PREFECT_API_URL: Prefect's temporary server starts on a thread while the
-    flow imports, and Prefect's client uses that server; with an API configured nothing is started."""
+@pytest.mark.parametrize("configured", [None, "environment", "profile"])
+def test_run_starts_the_temporary_prefect_server_beside_its_imports_unless_an_api_is_configured(configured, tmp_path):
+    """`lora-pipeline run` without an API configured: a temporary Prefect server starts in a subprocess while
+    the flow imports, every Prefect client of the process (any thread) uses it, the process never imports the
+    server's modules, and stop() ends it. With PREFECT_API_URL in the environment nothing is started; in a
+    Prefect profile, the server started before the profile was read is stopped, and the profile's API is used."""
+    import os
+    import subprocess
+    import sys
+
+    api_url = "http://127.0.0.1:9/api"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if configured == "environment":
+        env["PREFECT_API_URL"] = api_url
+    elif configured == "profile":
+        (tmp_path / "profiles.toml").write_text(f'active = "remote"\n\n[profiles.remote]\nPREFECT_API_URL = "{api_url}"\n')
+    done = subprocess.run([sys.executable, "-c", _TEMPORARY_API_PROBE], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = (["started False", f"api {api_url}", "children none"] if configured else
+                ["started True", "client True", "thread True", "server modules []", "stopped True"])
+    assert done.stdout.split("\n")[:len(expected)] == expected, done.stdout
+
+
+_BROKEN_API_PROBE = """
+from flows.temporary_api import TemporaryApiStart
+
+api = TemporaryApiStart()
+try:
+    api.wait()
+except RuntimeError as exc:
+    print("raised", exc)
+"""
+
+
+def test_a_temporary_prefect_server_that_cannot_start_is_reported_not_waited_for(tmp_path):
+    """A temporary server that exits before it answers (here: its database cannot be opened) makes wait() raise
+    at once, saying so, instead of leaving the flow run to fail on its first API call."""
     import os
     import subprocess
     import sys
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", **({"PREFECT_API_URL": api_url} if api_url else {}))
-    done = subprocess.run([sys.executable, "-c", _TEMPORARY_API_PROBE], capture_output=True, text=True, timeout=300,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path}/no-such-dir/prefect.db")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _BROKEN_API_PROBE], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1], env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = ["started False"] if api_url else ["started True", "client True"]
-    assert done.stdout.split("\n")[:len(expected)] == expected, done.stdout
+    assert done.stdout.startswith("raised Prefect's temporary API server exited with code "), done.stdout
+    assert time.monotonic() - started < 120  # not the 180 s start timeout

@@ -76,6 +76,18 @@ def test_default_tracking_uri_is_sqlite_under_output_dir(tmp_path):
     assert tracking.resolve_tracking_uri(configured, tmp_path) == "http://mlflow:5000"
 
 
+def test_open_local_store_opens_a_sqlite_store_and_leaves_a_tracking_server_alone(tmp_path):
+    """`lora-pipeline run` opens the local store while Prefect's server starts: the schema is there after it;
+    a tracking server is not contacted (nothing listens on port 9)."""
+    import sqlite3
+
+    tracking.open_local_store(tracking.default_tracking_uri(tmp_path / "fresh"))
+    with sqlite3.connect(tmp_path / "fresh" / "mlflow.db") as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"experiments", "runs", "registered_models"} <= tables
+    tracking.open_local_store("http://127.0.0.1:9")
+
+
 def test_experiment_artifacts_live_under_the_given_dir(store):
     out, uri = store
     exp_id = tracking.ensure_experiment(uri, "exp-artifacts", out / "mlartifacts")
