@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORK_POOL = "lora-pipeline"
 WORKER_ENV_FILE = REPO / "infra" / "prefect-worker.env"
 POSTGRES_ENV = "LORA_PIPELINE_POSTGRES_URL"
+#: How long the Prefect server may wait for a new database connection (see up(); Prefect's default is 5 s).
+SERVER_DATABASE_CONNECTION_TIMEOUT_SECONDS = 30
 
 
 def _bin(name: str) -> str:
@@ -79,6 +81,20 @@ def start_service(name: str, command: list[str], env: dict[str, str], logs: Path
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def prefect_server_env(base: dict[str, str], database_url: str, api_url: str) -> dict[str, str]:
+    """The Prefect server's environment: ``base`` with its database and the API URL its UI gives the browser
+    (this server's port, not Prefect's default 4200).
+
+    A new database connection may wait ``SERVER_DATABASE_CONNECTION_TIMEOUT_SECONDS`` (Prefect's default, 5 s,
+    counts the time its event loop is busy): ten runs starting at once on 2 slow cores made it time out, and a
+    run's request for its model's concurrency slot got a 500 and failed. A timeout of the caller's own is kept.
+    """
+    env = {**base, "PREFECT_API_DATABASE_CONNECTION_URL": database_url, "PREFECT_UI_API_URL": api_url}
+    if not {"PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT", "PREFECT_API_DATABASE_CONNECTION_TIMEOUT"} & env.keys():
+        env["PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT"] = str(SERVER_DATABASE_CONNECTION_TIMEOUT_SECONDS)
+    return env
+
+
 def up(args: argparse.Namespace) -> dict[str, str]:
     """Start the three servers and return the exports that point clients at them."""
     state = Path(args.dir).expanduser().resolve()
@@ -99,10 +115,8 @@ def up(args: argparse.Namespace) -> dict[str, str]:
     tracking_url = f"http://127.0.0.1:{args.mlflow_port}"
     base = {**os.environ, **_worker_defaults(), "PREFECT_HOME": str(state / "prefect-home")}
     pids = {}
-    server = start_service("prefect-server", prefect_server_command(args.prefect_port),
-                           # The UI tells the browser where its API is: this server's port, not Prefect's default 4200.
-                           {**base, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db, "PREFECT_UI_API_URL": api_url},
-                           logs)
+    server_env = prefect_server_env(base, prefect_db, api_url)
+    server = start_service("prefect-server", prefect_server_command(args.prefect_port), server_env, logs)
     pids["prefect-server"] = server.pid
     # MLflow 3's job runner (GenAI judges and optimisation: seven huey consumer processes) is not used here.
     mlflow = start_service("mlflow-server",

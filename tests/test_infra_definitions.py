@@ -4,6 +4,7 @@ container engine or a cluster."""
 
 from __future__ import annotations
 
+import os
 import copy
 import json
 import re
@@ -343,3 +344,23 @@ def test_k8s_passwords_and_keys_come_from_the_secret():
                         assert set(re.findall(r"\$\((\w+)\)", credentials.group(1))) <= from_secret
                         assert re.fullmatch(r"(\$\(\w+\)):(\$\(\w+\))", credentials.group(1))
     assert referenced == keys
+
+
+def test_the_stack_prefect_server_waits_longer_for_a_database_connection_unless_told_otherwise():
+    """`make up`'s Prefect server: 30 s for a new database connection (Prefect's 5 s timed out under ten runs on
+    2 slow cores, and a run's concurrency-slot request got a 500); a timeout the caller set is kept."""
+    import subprocess
+    import sys
+
+    from infra.stack import SERVER_DATABASE_CONNECTION_TIMEOUT_SECONDS, prefect_server_env
+
+    database, api = "postgresql+asyncpg://root@127.0.0.1:5432/lp_prefect", "http://127.0.0.1:4281/api"
+    env = prefect_server_env({"PATH": "/usr/bin"}, database, api)
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == database and env["PREFECT_UI_API_URL"] == api
+    probe = "from prefect.settings import get_current_settings as s; print(s().server.database.connection_timeout)"
+    seen = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True,
+                          env={**os.environ, **{key: value for key, value in env.items() if key.startswith("PREFECT_SERVER")}})
+    assert float(seen.stdout.strip()) == SERVER_DATABASE_CONNECTION_TIMEOUT_SECONDS > 5  # what Prefect reads
+    for name in ("PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT", "PREFECT_API_DATABASE_CONNECTION_TIMEOUT"):
+        kept = prefect_server_env({name: "7"}, database, api)
+        assert kept[name] == "7" and sum(key.endswith("DATABASE_CONNECTION_TIMEOUT") for key in kept) == 1
