@@ -39,7 +39,8 @@ class TemporaryApiStart:
 
     Once constructed, this process's Prefect settings name the server's API (``PREFECT_API_URL``, in the
     environment and in Prefect's global settings, so every thread's client uses it); :meth:`wait` blocks
-    until it answers. It is stopped at exit, or by :meth:`stop`.
+    until it answers. It is stopped at exit, or by :meth:`stop`. The settings keep naming it for the rest of
+    the process, so a later run in the same process uses the same server, as Prefect's own would be reused.
     """
 
     def __init__(self) -> None:
