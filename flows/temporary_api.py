@@ -45,7 +45,6 @@ class TemporaryApiStart:
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
-        self.started = False  # whether a temporary server was started here (not when an API is configured)
         self._address: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
@@ -61,7 +60,6 @@ class TemporaryApiStart:
             return
         from prefect.context import refresh_global_settings_context
 
-        self.started = True
         os.environ["PREFECT_API_URL"] = f"{self._address}/api"
         # Prefect would infer a UI at the API's address and log "View at <link>" for each flow run: this server
         # has no UI (Prefect's own temporary server logs no link either).
@@ -71,6 +69,11 @@ class TemporaryApiStart:
                                         args=(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()),),
                                         name="prefect-temporary-api", daemon=True)
         self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        """Whether a temporary server was started here (False when an API is configured)."""
+        return self._thread is not None
 
     def _spawn(self) -> None:
         """Start the server on a loopback socket bound here (stopped at exit)."""
