@@ -52,11 +52,11 @@ def _evaluation(data: dict) -> list[dict]:
 
 
 def _training(data: dict) -> list[dict]:
-    runs = data["runs"]
+    runs, best = data["runs"], data["best_tokens_per_second"]
     return [
-        _measure("Training tokens/s, 27M Llama: pipeline / plain TRL + PEFT",
-                 ("pipeline", runs["pipeline"]["tokens_per_second"]),
-                 ("plain_trl", runs["plain_trl"]["tokens_per_second"]), ">= 0.95"),
+        _measure(f"Training tokens/s, 27M Llama: pipeline / plain TRL + PEFT (best of {data['model']['repeats']} "
+                 "alternating repeats each)",
+                 ("pipeline", best["pipeline"]), ("plain_trl", best["plain_trl"]), ">= 0.95"),
         _measure("Model FLOP utilisation, packed (vs the matmul peak measured in the run)",
                  ("model GFLOP/s", round(data["model_flop_utilisation"] * runs["matmul_peak"]["gflops"], 1)),
                  ("peak GFLOP/s", runs["matmul_peak"]["gflops"]), ">= 0.65", ratio=data["model_flop_utilisation"]),
@@ -65,7 +65,7 @@ def _training(data: dict) -> list[dict]:
                  ("peak GFLOP/s", runs["matmul_peak"]["gflops"]), ">= 0.5",
                  ratio=data["model_flop_utilisation_grouped"]),
         _measure("Effective tokens/s: packing / none", ("packed", runs["pipeline_packed"]["tokens_per_second"]),
-                 ("unpacked", runs["pipeline"]["tokens_per_second"]), ">= 1.5"),
+                 ("unpacked", best["pipeline"]), ">= 1.5"),
         _measure("Memory of the base: 4-bit / float32 (MB)", ("4-bit", runs["memory_4bit"]["footprint_mb"]),
                  ("float32", runs["memory_fp32"]["footprint_mb"]), "<= 0.3"),
     ]

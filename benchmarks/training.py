@@ -1,7 +1,10 @@
 """Training-stage benchmarks, measured side by side in one run (each case in a fresh subprocess).
 
 1. tokens/s of the pipeline's training stage (``lora_pipeline.training.train_qlora``) against a plain
-   TRL + PEFT script on the same model, data and settings (target: ratio >= 0.95);
+   TRL + PEFT script on the same model, data and settings (target: ratio >= 0.95). The two sides run
+   alternately, twice each, and the ratio is of each side's best run (:func:`alternating_pairs`): on a
+   shared virtual machine one run of the same training took 41 to 50 s, so a single pair decided the verdict
+   by chance (0.86 in one ``make bench``, 0.98 and 0.93 in the pairs right after it);
 2. memory of the 4-bit base against a float32 base (``get_memory_footprint``; target: <= 0.3);
 3. model FLOP utilisation of the pipeline run against this machine's float32 matmul peak, measured
    here (target: >= 60 %). Model FLOPs per real (non-pad) token: 4 x frozen base parameters (forward
@@ -17,7 +20,7 @@ in random batches is measured and reported). Items 1 and 2 are also measured on 
 SmolLM2-135M-Instruct, by :mod:`benchmarks.training_real` with these same case functions.
 
 Usage: ``.venv/bin/python -m benchmarks.training [--model synthetic|smollm2|both] [--steps 30] [--real-steps 12]
-[--out outputs/benchmarks]``; results in ``<out>/training/training.json`` and
+[--repeats 2] [--out outputs/benchmarks]``; results in ``<out>/training/training.json`` and
 ``<out>/training_smollm2/training.json``.
 """
 
@@ -239,38 +242,59 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def run_synthetic(out: Path, steps: int, hidden: int, layers: int) -> dict:
+def alternating_pairs(model_dir: Path, data: Path, work: Path, steps: int, repeats: int) -> tuple[dict, dict]:
+    """The pipeline (unpacked) and the plain TRL script, alternately, ``repeats`` times each.
+
+    Alternating shares the machine's drift between the sides instead of charging it to one. Another process,
+    or a noisy neighbour on a virtual machine, only ever slows a run down, so each side's best run is its least
+    disturbed one. Returns every run (``pipeline_<i>``, ``plain_trl_<i>``) and each side's best run.
+    """
+    runs: dict[str, dict] = {}
+    for i in range(repeats):
+        runs[f"pipeline_{i}"] = _run_case(["pipeline", str(model_dir), str(data), str(work / f"pipeline-{i}"),
+                                           str(steps), "0"])
+        runs[f"plain_trl_{i}"] = _run_case(["plain", str(model_dir), str(data), str(work / f"plain-{i}"), str(steps)])
+    best = {side: max((runs[f"{side}_{i}"] for i in range(repeats)), key=lambda run: run["tokens_per_second"])
+            for side in ("pipeline", "plain_trl")}
+    return runs, best
+
+
+def run_synthetic(out: Path, steps: int, hidden: int, layers: int, repeats: int = 2) -> dict:
     """Every case on the random Llama; writes ``out/training/training.json``."""
     work = fresh_dir((out / "training").resolve())
     model_dir, data = build_model(work, hidden, layers), build_rows(work, n_rows=2000)
+    pairs, best = alternating_pairs(model_dir, data, work, steps, repeats)
     runs = {
         "matmul_peak": _run_case(["peak"]),
-        "pipeline": _run_case(["pipeline", str(model_dir), str(data), str(work / "pipeline"), str(steps), "0"]),
-        "plain_trl": _run_case(["plain", str(model_dir), str(data), str(work / "plain"), str(steps)]),
+        **pairs,
         "pipeline_packed": _run_case(["pipeline", str(model_dir), str(data), str(work / "packed"), str(steps), "1"]),
         "pipeline_grouped": _run_case(["pipeline", str(model_dir), str(data), str(work / "grouped"), str(steps),
                                        "grouped"]),
         "memory_4bit": _run_case(["memory", str(model_dir), "1"]),
         "memory_fp32": _run_case(["memory", str(model_dir), "0"]),
     }
-    pipeline, packed = runs["pipeline"], runs["pipeline_packed"]
+    pipeline, plain, packed = best["pipeline"], best["plain_trl"], runs["pipeline_packed"]
 
     def flop_utilisation(run: dict) -> float:
         flops_per_token = 4 * run["n_params"] + 6 * run["lora_params"]
         return round(flops_per_token * run["tokens_per_second"] / 1e9 / runs["matmul_peak"]["gflops"], 4)
     results = {
         "model": {"hidden": hidden, "layers": layers, "params": pipeline["n_params"], "steps": steps,
-                  "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH},
+                  "repeats": repeats, "batch_size": BATCH_SIZE, "max_length": MAX_LENGTH},
         "runs": runs,
-        "pipeline_over_plain_trl_tokens_per_second": round(
-            pipeline["tokens_per_second"] / runs["plain_trl"]["tokens_per_second"], 3),
+        # The unpacked pipeline figures below (MFU, the packing ratio's denominator) are of its best run too.
+        "best_tokens_per_second": {"pipeline": pipeline["tokens_per_second"], "plain_trl": plain["tokens_per_second"]},
+        "pipeline_over_plain_trl_tokens_per_second": round(pipeline["tokens_per_second"] / plain["tokens_per_second"], 3),
+        "pipeline_over_plain_trl_per_repeat": [
+            round(runs[f"pipeline_{i}"]["tokens_per_second"] / runs[f"plain_trl_{i}"]["tokens_per_second"], 3)
+            for i in range(repeats)],
         "memory_4bit_over_fp32": round(runs["memory_4bit"]["footprint_mb"] / runs["memory_fp32"]["footprint_mb"], 3),
         # The target is judged on the packed run: what a throughput-minded user runs on variable-length data.
         "model_flop_utilisation": flop_utilisation(packed),
         "model_flop_utilisation_unpacked": flop_utilisation(pipeline),
         "model_flop_utilisation_grouped": flop_utilisation(runs["pipeline_grouped"]),
         "packed_over_unpacked_effective_tokens_per_second": round(
-            runs["pipeline_packed"]["tokens_per_second"] / pipeline["tokens_per_second"], 3),
+            packed["tokens_per_second"] / pipeline["tokens_per_second"], 3),
         "targets": {"pipeline_over_plain_trl_tokens_per_second": ">= 0.95", "memory_4bit_over_fp32": "<= 0.3",
                     "model_flop_utilisation": ">= 0.60", "packed_over_unpacked_effective_tokens_per_second": ">= 1.5"},
     }
@@ -284,6 +308,8 @@ def main() -> None:
                         help="the random Llama, SmolLM2-135M-Instruct (benchmarks/training_real.py), or both")
     parser.add_argument("--steps", type=int, default=30, help="steps per case on the random Llama")
     parser.add_argument("--real-steps", type=int, default=12, help="steps per case on SmolLM2")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="alternating pipeline / plain TRL trainings per side, on each model (the best counts)")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks"))
@@ -293,11 +319,11 @@ def main() -> None:
         _case_main(args._case[0], args._case[1:])
         return
     if args.model in ("synthetic", "both"):
-        print(json.dumps(run_synthetic(args.out, args.steps, args.hidden, args.layers), indent=2))
+        print(json.dumps(run_synthetic(args.out, args.steps, args.hidden, args.layers, args.repeats), indent=2))
     if args.model in ("smollm2", "both"):
         from benchmarks.training_real import run_smollm2
 
-        print(json.dumps(run_smollm2(args.out, args.real_steps), indent=2))
+        print(json.dumps(run_smollm2(args.out, args.real_steps, args.repeats), indent=2))
 
 
 if __name__ == "__main__":

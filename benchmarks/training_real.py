@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.training import BATCH_SIZE, MAX_LENGTH, _run_case, build_rows, fresh_dir
+from benchmarks.training import BATCH_SIZE, MAX_LENGTH, _run_case, alternating_pairs, build_rows, fresh_dir
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -38,16 +38,11 @@ def run_smollm2(out: Path, steps: int, repeats: int = 2) -> dict:
     work = fresh_dir((out / "training_smollm2").resolve())
     model_dir = real_model_dir(CACHE)  # converted once from the GGUF, cached (~1 min the first time)
     data = build_rows(work, n_rows=2000)
-    runs: dict[str, dict] = {}
-    for i in range(repeats):  # alternating sides: the machine's drift is shared, not charged to one side
-        runs[f"pipeline_{i}"] = _run_case(["pipeline", str(model_dir), str(data), str(work / f"pipeline-{i}"),
-                                           str(steps), "0"])
-        runs[f"plain_trl_{i}"] = _run_case(["plain", str(model_dir), str(data), str(work / f"plain-{i}"), str(steps)])
+    runs, best = alternating_pairs(model_dir, data, work, steps, repeats)
     runs["memory_4bit"] = _run_case(["memory", str(model_dir), "1"])
     runs["memory_fp32"] = _run_case(["memory", str(model_dir), "0"])
 
-    speed = {side: max(runs[f"{side}_{i}"]["tokens_per_second"] for i in range(repeats))
-             for side in ("pipeline", "plain_trl")}
+    speed = {side: run["tokens_per_second"] for side, run in best.items()}
     four_bit, fp32 = runs["memory_4bit"], runs["memory_fp32"]
     results = {
         "model": {"name": model_dir.name, "params": runs["pipeline_0"]["n_params"], "steps": steps,

@@ -41,6 +41,31 @@ def test_training_on_the_real_model_reads_the_best_run_of_each_side():
     assert (memory["ratio"], memory["met"]) == (0.309, False)
 
 
+def test_training_on_the_27m_model_reads_the_best_run_of_each_side_for_speed_and_packing():
+    data = {"model": {"repeats": 2}, "best_tokens_per_second": {"pipeline": 482.6, "plain_trl": 517.1},
+            "model_flop_utilisation": 0.59, "model_flop_utilisation_grouped": 0.66,
+            "runs": {"matmul_peak": {"gflops": 184.3}, "pipeline_packed": {"tokens_per_second": 924.5},
+                     "memory_4bit": {"footprint_mb": 13.66}, "memory_fp32": {"footprint_mb": 104.66}}}
+    speed, _, _, packing, _ = report.READERS["training/training.json"](data)
+    assert (speed["ratio"], speed["met"]) == (0.933, False) and "best of 2" in speed["benchmark"]
+    assert speed["sides"] == {"pipeline": 482.6, "plain_trl": 517.1}
+    assert (packing["ratio"], packing["sides"]["unpacked"]) == (1.916, 482.6)
+
+
+def test_the_two_training_sides_alternate_and_each_keeps_its_best_run(monkeypatch, tmp_path):
+    from benchmarks import training
+
+    order, speeds = [], iter([447.1, 456.4, 482.6, 517.1])
+    monkeypatch.setattr(training, "_run_case", lambda args: order.append(args[0]) or
+                        {"tokens_per_second": next(speeds), "dir": args[3]})
+    runs, best = training.alternating_pairs(tmp_path / "model", tmp_path / "rows.jsonl", tmp_path, 30, 2)
+    assert order == ["pipeline", "plain", "pipeline", "plain"]
+    assert sorted(runs) == ["pipeline_0", "pipeline_1", "plain_trl_0", "plain_trl_1"]
+    assert (best["pipeline"]["tokens_per_second"], best["plain_trl"]["tokens_per_second"]) == (482.6, 517.1)
+    assert best["pipeline"]["dir"].endswith("pipeline-1")  # every run trains into a directory of its own
+    assert len({run["dir"] for run in runs.values()}) == 4
+
+
 def test_quality_over_several_seeds_reports_means_and_is_met_only_when_every_seed_is():
     def seed(qlora_ppl, lora_ppl, qlora_em, lora_em):
         return {"qlora": {"answer_perplexity": qlora_ppl, "exact_match": qlora_em},
