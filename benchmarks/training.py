@@ -7,9 +7,9 @@
    by chance (0.86 in one ``make bench``, 0.98 and 0.93 in the pairs right after it);
 2. memory of the 4-bit base against a float32 base (``get_memory_footprint``; target: <= 0.3);
 3. model FLOP utilisation of the pipeline run against this machine's float32 matmul peak, measured
-   here (target: >= 60 %). Model FLOPs per real (non-pad) token: 4 x frozen base parameters (forward
-   2N, backward to the activations 2N; frozen weights get no weight gradients) + 6 x LoRA
-   parameters (they do). Attention-score FLOPs and pad tokens are not counted;
+   here (targets, issue 12: >= 0.65 packed, >= 0.5 unpacked with ``train.group_by_length``). Model FLOPs
+   per real (non-pad) token: 4 x frozen base parameters (forward 2N, backward to the activations 2N; frozen
+   weights get no weight gradients) + 6 x LoRA parameters (they do). Attention-score FLOPs and pad tokens are not counted;
 4. effective (non-pad) tokens/s with ``train.packing`` against without, on variable-length chat data
    (target: >= 1.5x).
 
@@ -296,7 +296,8 @@ def run_synthetic(out: Path, steps: int, hidden: int, layers: int, repeats: int 
         "packed_over_unpacked_effective_tokens_per_second": round(
             packed["tokens_per_second"] / pipeline["tokens_per_second"], 3),
         "targets": {"pipeline_over_plain_trl_tokens_per_second": ">= 0.95", "memory_4bit_over_fp32": "<= 0.3",
-                    "model_flop_utilisation": ">= 0.60", "packed_over_unpacked_effective_tokens_per_second": ">= 1.5"},
+                    "model_flop_utilisation": ">= 0.65", "model_flop_utilisation_grouped": ">= 0.5",
+                    "packed_over_unpacked_effective_tokens_per_second": ">= 1.5"},
     }
     (work / "training.json").write_text(json.dumps(results, indent=2))
     return results
